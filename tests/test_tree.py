@@ -1,0 +1,127 @@
+"""build_tree against the reference heap, node for node, on thousands of random requests."""
+
+import numpy as np
+import pytest
+import torch
+from reference_heap import reference_tree
+
+from vllm_ddtree.tree import build_tree, draft_topk, pack_bits, unpack_bits
+
+
+def _paths(tree, r):
+    n = int(tree.num_nodes[r])
+    paths = {0: ()}
+    for i in range(1, n + 1):
+        paths[i] = paths[int(tree.parents[r, i - 1])] + (int(tree.token_ids[r, i - 1]),)
+    return [paths[i] for i in range(1, n + 1)]
+
+
+def _check_against_reference(logits, budgets, max_budget):
+    tree = build_tree(logits, budgets, max_budget)
+    k = min(max_budget, logits.shape[-1])
+    logp, tokens = draft_topk(logits, k) if k else (None, None)
+    for r in range(logits.shape[0]):
+        want = reference_tree(logp[r].cpu().numpy(), tokens[r].cpu().numpy(), int(budgets[r])) if k else []
+        n = len(want)
+        assert int(tree.num_nodes[r]) == n
+        # Same nodes in the same (pop) order, so the same parent numbering, depths and scores.
+        assert _paths(tree, r) == [w[0] for w in want]
+        assert tree.parents[r, :n].tolist() == [w[1] for w in want]
+        assert tree.depths[r, :n].tolist() == [w[2] for w in want]
+        np.testing.assert_array_equal(tree.scores[r, :n].cpu().numpy(), np.array([w[3] for w in want], np.float32))
+        # Unused slots can never be accepted.
+        assert (tree.token_ids[r, n:] == -1).all()
+    return tree
+
+
+def _logits(gen, R, D, V, kind):
+    if kind == "gauss":
+        x = torch.randn(R, D, V, generator=gen) * 3
+    elif kind == "ties":  # few distinct values: many equal scores, within and across depths
+        x = torch.randint(0, 3, (R, D, V), generator=gen).float()
+    elif kind == "same_rows":  # every depth identical: permuted paths tie exactly
+        x = torch.randint(0, 4, (R, 1, V), generator=gen).float().expand(R, D, V).contiguous()
+    elif kind == "masked":  # masked vocabulary, some depths entirely masked
+        x = torch.randn(R, D, V, generator=gen)
+        x[torch.rand(R, D, V, generator=gen) < 0.6] = float("-inf")
+        x[torch.rand(R, D, generator=gen) < 0.1] = float("-inf")
+    elif kind == "certain":  # probability-1 tokens: children score exactly like their parents
+        x = torch.full((R, D, V), float("-inf"))
+        x[..., 0] = 0.0
+        x[:, ::2, min(1, V - 1)] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["gauss", "ties", "same_rows", "masked", "certain"])
+def test_matches_reference_heap(kind, device):
+    gen = torch.Generator().manual_seed(hash(kind) % 1000)
+    for trial in range(30):
+        R = 24
+        D = int(torch.randint(1, 7, (1,), generator=gen))
+        V = int(torch.randint(1, 12, (1,), generator=gen))
+        B = int(torch.randint(0, 40, (1,), generator=gen))
+        budgets = torch.randint(0, B + 1, (R,), generator=gen)
+        budgets[0] = B
+        logits = _logits(gen, R, D, V, kind).to(device)
+        _check_against_reference(logits, budgets.to(device), B)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 7, 15 * 3 + 100])
+def test_budget_edges(budget, device):
+    # V = 3 and D = 15: a budget over the whole tree's size takes every node the top-K allows.
+    gen = torch.Generator().manual_seed(budget)
+    logits = torch.randn(8, 15, 3, generator=gen).to(device)
+    tree = _check_against_reference(logits, torch.full((8,), budget), budget)
+    assert tree.token_ids.shape == (8, budget)
+    assert tree.ancestor_bits.shape == (8, budget + 1, (budget + 1 + 31) // 32)
+
+
+def test_int_budget_equals_tensor_budget(device):
+    logits = torch.randn(5, 15, 50, generator=torch.Generator().manual_seed(1)).to(device)
+    a = build_tree(logits, 32)
+    b = build_tree(logits, torch.full((5,), 32, device=device), max_budget=32)
+    for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_large_vocab_realistic_shape(device):
+    # D = 15 (a b16 drafter), a real vocabulary size, peaked drafts as a trained drafter gives.
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 15, 151936, generator=gen) * 4).to(device)
+    _check_against_reference(logits, torch.tensor([64, 16, 1, 128]), 128)
+
+
+def test_ancestor_mask_and_order(device):
+    gen = torch.Generator().manual_seed(7)
+    tree = build_tree((torch.randn(16, 6, 9, generator=gen) * 2).to(device), 40)
+    mask = tree.ancestor_mask().cpu()
+    parents = tree.parents.cpu()
+    for r in range(16):
+        n = int(tree.num_nodes[r])
+        for i in range(1, n + 1):
+            p = int(parents[r, i - 1])
+            assert p < i  # parents before children
+            expect = mask[r, p].clone()
+            expect[i] = True
+            assert torch.equal(mask[r, i], expect)
+            assert int(tree.depths[r, i - 1]) == (int(tree.depths[r, p - 1]) + 1 if p else 1)
+        assert torch.equal(mask[r, 0], torch.nn.functional.one_hot(torch.tensor(0), 41).bool())
+        for i in range(n + 1, 41):  # padding rows see the root and themselves only
+            assert mask[r, i].nonzero().flatten().tolist() == [0, i]
+
+
+def test_bit_packing_roundtrip():
+    mask = torch.rand(3, 5, 70) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.int32 and packed.shape == (3, 5, 3)
+    assert torch.equal(unpack_bits(packed, 70), mask)
+    assert pack_bits(torch.ones(1, 32, dtype=torch.bool)).item() == -1  # bit 31 is the sign bit
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_budget"):
+        build_tree(torch.zeros(1, 2, 3), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"\[R, D, V\]"):
+        build_tree(torch.zeros(2, 3), 4)
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        build_tree(torch.zeros(1, 2, 3), -1)

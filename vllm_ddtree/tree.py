@@ -1,0 +1,261 @@
+"""Round step 2, *tree*: per-depth draft distributions -> a token tree of at most B nodes.
+
+In:  ``draft_logits [R, D, V]`` (D = drafter block size - 1; row d is the drafter's marginal for depth d+1)
+     and a node budget per request (an int, or a ``[R]`` tensor with a static maximum B).
+Out: a :class:`DraftTree` of fixed-shape tensors ``[R, B]`` / ``[R, B+1, W]`` on the input's device.
+
+Which nodes: the best-first heap of the DDTree reference (liranringel/ddtree, ``build_ddtree_tree``).
+A node is a tuple of per-depth ranks ``(r1..rd)`` into the depth's top-K tokens (K = min(B, V)); its
+score is the sum of the chosen log-probs. The heap pops nodes in ascending ``(-score, ranks)`` order
+and keeps the first ``budget``. Every log-prob is <= 0, so a node never precedes its parent or its
+better sibling; the popped set is therefore prefix-closed and equals the first ``budget`` nodes of the
+total order ``(-score, ranks)``.
+
+Tie rule (the reference's, kept exactly): equal scores are ordered by the rank tuples
+lexicographically, a prefix before its extensions; ranks follow ``torch.topk``'s order, so tokens with
+equal logits rank as topk returns them. Scores are accumulated in float32 as ``parent + logp`` (the
+reference's sibling update ``w - lp[r] + lp[r+1]`` is the same sum rewritten; it is NaN for ``-inf``
+log-probs and rounds differently, so equality is defined on the direct sum). ``-0.0`` counts as ``0``;
+``-inf`` log-probs (masked vocabulary) are ordinary, worst-possible scores, still selectable; a
+depth whose logits are all ``-inf`` gives ``-inf`` log-probs rather than NaN.
+
+How, without a heap: keep per depth the best B candidates out of (best B of the previous depth) x
+(top K tokens), then take the global best B over all depths. A depth-d node among the best B of its
+depth always has its parent among the best B of depth d-1 (its parent's B betters each have a first
+child at least as good), so the beams lose nothing. Ties across depths need the rank tuples'
+lexicographic order, a scalar here: each beam is kept in lexicographic order, and subtree sizes give
+every kept node its preorder index in the kept forest. All of it is O(D) fixed-shape tensor ops, no
+host synchronisation and no per-request loop, so it can be captured in a CUDA graph for a fixed
+(R, B).
+
+Nodes are numbered 1..B in pop order (parents before children); node 0 is the root (the committed
+bonus token). Unused slots hold token -1, parent 0, depth 1 and score -inf: no target token equals
+-1, so they can never be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Packed selection keys (larger = selected first), int64:
+#   bit 62: valid | bits 30..61: order-preserving float32 score | bits 0..29: inverted tie-break rank.
+_TIE_BITS = 30
+_TIE_MAX = (1 << _TIE_BITS) - 1
+_VALID_BIT = 1 << 62
+
+
+@dataclass
+class DraftTree:
+    """A batch of token trees, one per request, in fixed shapes.
+
+    ``token_ids [R, B]`` int64 (-1 in unused slots), ``parents [R, B]`` int64 (0 = root, nodes are
+    1..B), ``depths [R, B]`` int64 (1..D), ``scores [R, B]`` float32 (path log-probability under the
+    drafter), ``num_nodes [R]`` int64 and ``ancestor_bits [R, B+1, W]`` int32 with W = ceil((B+1)/32):
+    bit j of row i is set iff node j is node i or one of its ancestors (row 0 is the root).
+    """
+
+    token_ids: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    scores: torch.Tensor
+    num_nodes: torch.Tensor
+    ancestor_bits: torch.Tensor
+
+    @property
+    def max_nodes(self) -> int:
+        return self.token_ids.shape[1]
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """The ancestor bitmask unpacked to ``bool [R, B+1, B+1]`` (tests, CPU attention path)."""
+        return unpack_bits(self.ancestor_bits, self.max_nodes + 1)
+
+
+def draft_topk(draft_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-depth top-k of the drafter's log-softmax: ``(logp [R, D, k] float32, token [R, D, k] int64)``.
+
+    The only pass over the vocabulary; the tree build itself never touches V again.
+    """
+    logits = draft_logits.float()
+    top_logits, top_tokens = torch.topk(logits, k, dim=-1)
+    logp = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    # A depth with every logit masked gives -inf - -inf = NaN; it means "nothing is possible".
+    logp = torch.nan_to_num(logp, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+    return logp, top_tokens
+
+
+def build_tree(
+    draft_logits: torch.Tensor,
+    budget: int | torch.Tensor,
+    max_budget: int | None = None,
+) -> DraftTree:
+    """Selects each request's best ``budget`` nodes from its drafter logits ``[R, D, V]``.
+
+    ``budget`` is an int, or a ``[R]`` integer tensor on the logits' device; a tensor needs the static
+    ``max_budget`` (the B of every output shape) so that no value is read back to the host.
+    """
+    if draft_logits.dim() != 3:
+        raise ValueError(f"draft_logits must be [R, D, V], got shape {tuple(draft_logits.shape)}")
+    max_budget = _static_budget(budget, max_budget)
+    k = min(max_budget, draft_logits.shape[-1])
+    logp, tokens = draft_topk(draft_logits, k) if k > 0 else (None, None)
+    return build_tree_from_topk(logp, tokens, budget, max_budget, shape=draft_logits.shape[:2],
+                                device=draft_logits.device)
+
+
+def _static_budget(budget: int | torch.Tensor, max_budget: int | None) -> int:
+    if isinstance(budget, torch.Tensor):
+        if max_budget is None:
+            raise ValueError("a per-request budget tensor needs max_budget, the static tree size B")
+        return int(max_budget)
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if max_budget is not None and budget > max_budget:
+        raise ValueError(f"budget {budget} exceeds max_budget {max_budget}")
+    return int(budget)
+
+
+def build_tree_from_topk(
+    logp: torch.Tensor | None,
+    tokens: torch.Tensor | None,
+    budget: int | torch.Tensor,
+    max_budget: int,
+    shape: tuple[int, int] | None = None,
+    device: torch.device | None = None,
+) -> DraftTree:
+    """:func:`build_tree` after :func:`draft_topk`: ``logp``/``tokens`` are ``[R, D, K]``, sorted."""
+    B = max_budget
+    if logp is None or B == 0 or logp.shape[1] == 0:
+        R = shape[0] if logp is None else logp.shape[0]
+        dev = device if logp is None else logp.device
+        return _empty_tree(R, B, dev)
+    R, D, K = logp.shape
+    dev = logp.device
+    if isinstance(budget, torch.Tensor):
+        budget = budget.to(device=dev, dtype=torch.int64).clamp(0, B)
+    else:
+        budget = torch.full((R,), budget, dtype=torch.int64, device=dev)
+    if B * K > _TIE_MAX or D * B > _TIE_MAX:
+        raise ValueError(f"budget {B} too large for the packed selection keys")
+
+    # Beams, one per depth, each in lexicographic order of the nodes' rank tuples.
+    beam_score, beam_valid, beam_parent, beam_rank = [], [], [], []
+    score = torch.zeros(R, 1, dtype=torch.float32, device=dev)
+    valid = torch.ones(R, 1, dtype=torch.bool, device=dev)
+    for d in range(D):
+        # Candidates: every kept node of depth d-1 (the root at d = 0) times the depth's top-K tokens.
+        cand_score = (score.unsqueeze(2) + logp[:, d].unsqueeze(1)).flatten(1)
+        cand_valid = valid.unsqueeze(2).expand(-1, -1, K).flatten(1)
+        lex = torch.arange(cand_score.shape[1], device=dev)  # parent lex position * K + rank
+        key = _pack_key(cand_valid, cand_score, lex.expand(R, -1))
+        n_keep = min(B, cand_score.shape[1])
+        best = key.topk(n_keep, dim=1).indices
+        # Back to lexicographic order; invalid entries last.
+        best_valid = cand_valid.gather(1, best)
+        best, _ = torch.where(best_valid, best, best + cand_score.shape[1]).sort(dim=1)
+        best = best % cand_score.shape[1]
+        valid = cand_valid.gather(1, best)
+        score = cand_score.gather(1, best)
+        beam_score.append(_pad(score, B, float("-inf")))
+        beam_valid.append(_pad(valid, B, False))
+        beam_parent.append(_pad(best // K, B, 0))
+        beam_rank.append(_pad(best % K, B, 0))
+        score, valid = beam_score[-1], beam_valid[-1]
+
+    # Preorder index of every kept node in the kept forest = its lexicographic rank among them.
+    sizes = [v.long() for v in beam_valid]
+    for d in range(D - 1, 0, -1):
+        # Invalid entries have size 0 and point at position 0, so they add nothing.
+        sizes[d - 1] = sizes[d - 1] + torch.zeros_like(sizes[d - 1]).scatter_add_(1, beam_parent[d], sizes[d])
+    preorder = [_exclusive_cumsum(sizes[0])]
+    for d in range(1, D):
+        before_parent = _exclusive_cumsum(sizes[d - 1] - beam_valid[d - 1].long())
+        pre = (preorder[d - 1].gather(1, beam_parent[d]) + 1 + _exclusive_cumsum(sizes[d])
+               - before_parent.gather(1, beam_parent[d]))
+        preorder.append(pre)
+
+    all_score = torch.cat(beam_score, 1)  # [R, D*B], kept node u = d*B + position
+    all_valid = torch.cat(beam_valid, 1)
+    key = _pack_key(all_valid, all_score, torch.cat(preorder, 1))
+    chosen = key.topk(B, dim=1).indices  # pop order
+    slot = torch.arange(B, device=dev)
+    num_nodes = torch.minimum(all_valid.sum(1), budget)
+    used = slot.unsqueeze(0) < num_nodes.unsqueeze(1)
+
+    depth0 = chosen // B  # 0-based depth
+    all_tokens = tokens.gather(2, torch.stack(beam_rank, 1)).flatten(1)  # [R, D*B]
+    all_parent_u = torch.cat([torch.full_like(beam_parent[0], -1)]
+                             + [p + d * B for d, p in enumerate(beam_parent[1:])], 1)
+    node_of_u = torch.zeros(R, D * B, dtype=torch.int64, device=dev)
+    node_of_u.scatter_(1, chosen, torch.where(used, slot + 1, 0))
+    parent_u = all_parent_u.gather(1, chosen)
+    parents = torch.where(parent_u >= 0, node_of_u.gather(1, parent_u.clamp(min=0)), 0)
+
+    token_ids = torch.where(used, all_tokens.gather(1, chosen), -1)
+    parents = torch.where(used, parents, 0)
+    depths = torch.where(used, depth0 + 1, 1)
+    scores = torch.where(used, all_score.gather(1, chosen), float("-inf"))
+    return DraftTree(token_ids, parents, depths, scores, num_nodes,
+                     pack_bits(_ancestor_mask(parents, D)))
+
+
+def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """Larger key = earlier in ``(valid first, -score, tie)`` order."""
+    bits = (score + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # monotone in the float value
+    return valid.long() * _VALID_BIT + (ordered << _TIE_BITS) + (_TIE_MAX - tie)
+
+
+def _pad(x: torch.Tensor, width: int, value) -> torch.Tensor:
+    if x.shape[1] == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(1) - x
+
+
+def _ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """``bool [R, B+1, B+1]``: row i marks i and its ancestors, by pointer doubling over ``parents``."""
+    R, B = parents.shape
+    dev = parents.device
+    jump = torch.cat([torch.zeros(R, 1, dtype=torch.int64, device=dev), parents], 1)  # root -> root
+    mask = torch.eye(B + 1, dtype=torch.bool, device=dev).expand(R, -1, -1).clone()
+    covered = 1  # rows hold every ancestor closer than `covered` steps
+    while covered <= max_depth:
+        mask |= mask.gather(1, jump.unsqueeze(2).expand(-1, -1, B + 1))
+        jump = jump.gather(1, jump)
+        covered *= 2
+    return mask
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``bool [..., N]`` -> ``int32 [..., ceil(N/32)]``, bit j of word w = element 32 w + j."""
+    n = mask.shape[-1]
+    words = (n + 31) // 32
+    padded = torch.nn.functional.pad(mask, (0, words * 32 - n)).view(*mask.shape[:-1], words, 32)
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+    packed = (padded.long() * weights).sum(-1)
+    return torch.where(packed >= (1 << 31), packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``int32 [..., W]`` -> ``bool [..., n]``."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    unpacked = (bits.unsqueeze(-1) >> shifts) & 1
+    return unpacked.flatten(-2)[..., :n].bool()
+
+
+def _empty_tree(R: int, B: int, device) -> DraftTree:
+    long = dict(dtype=torch.int64, device=device)
+    parents = torch.zeros(R, B, **long)
+    return DraftTree(
+        token_ids=torch.full((R, B), -1, **long),
+        parents=parents,
+        depths=torch.ones(R, B, **long),
+        scores=torch.full((R, B), float("-inf"), device=device),
+        num_nodes=torch.zeros(R, **long),
+        ancestor_bits=pack_bits(_ancestor_mask(parents, 1)),
+    )
