@@ -53,7 +53,8 @@ class DraftTree:
     ``token_ids [R, B]`` int64 (-1 in unused slots), ``parents [R, B]`` int64 (0 = root, nodes are
     1..B), ``depths [R, B]`` int64 (1..D), ``scores [R, B]`` float32 (path log-probability under the
     drafter), ``num_nodes [R]`` int64 and ``ancestor_bits [R, B+1, W]`` int32 with W = ceil((B+1)/32):
-    bit j of row i is set iff node j is node i or one of its ancestors (row 0 is the root).
+    bit j of row i is set iff node j is node i or one of its ancestors (row 0 is the root);
+    ``max_depth`` is the static D.
     """
 
     token_ids: torch.Tensor
@@ -62,6 +63,7 @@ class DraftTree:
     scores: torch.Tensor
     num_nodes: torch.Tensor
     ancestor_bits: torch.Tensor
+    max_depth: int  # D, static: the longest path a verifier can walk
 
     @property
     def max_nodes(self) -> int:
@@ -129,7 +131,7 @@ def build_tree_from_topk(
     if logp is None or B == 0 or logp.shape[1] == 0:
         R = shape[0] if logp is None else logp.shape[0]
         dev = device if logp is None else logp.device
-        return _empty_tree(R, B, dev)
+        return _empty_tree(R, B, dev, shape[1] if logp is None else logp.shape[1])
     R, D, K = logp.shape
     dev = logp.device
     if isinstance(budget, torch.Tensor):
@@ -197,7 +199,7 @@ def build_tree_from_topk(
     depths = torch.where(used, depth0 + 1, 1)
     scores = torch.where(used, all_score.gather(1, chosen), float("-inf"))
     return DraftTree(token_ids, parents, depths, scores, num_nodes,
-                     pack_bits(_ancestor_mask(parents, D)))
+                     pack_bits(_ancestor_mask(parents, D)), D)
 
 
 def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
@@ -248,7 +250,7 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return unpacked.flatten(-2)[..., :n].bool()
 
 
-def _empty_tree(R: int, B: int, device) -> DraftTree:
+def _empty_tree(R: int, B: int, device, max_depth: int) -> DraftTree:
     long = dict(dtype=torch.int64, device=device)
     parents = torch.zeros(R, B, **long)
     return DraftTree(
@@ -258,4 +260,5 @@ def _empty_tree(R: int, B: int, device) -> DraftTree:
         scores=torch.full((R, B), float("-inf"), device=device),
         num_nodes=torch.zeros(R, **long),
         ancestor_bits=pack_bits(_ancestor_mask(parents, 1)),
+        max_depth=max_depth,
     )

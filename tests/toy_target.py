@@ -1,0 +1,124 @@
+"""A toy target with known conditionals, and generation loops over it (with and without trees).
+
+The target is a second-order Markov model over a small vocabulary: the logits of the next token are
+``table[previous-but-one token, previous token]``. Its conditional at every tree node follows from the
+node's path, so a whole tree's target logits are two gathers, and the exact distribution of the first
+L generated tokens can be enumerated.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from vllm_ddtree.tree import build_tree
+from vllm_ddtree.verify import TreeSampling, sample_target_tokens, verify_tree
+
+
+class MarkovTarget:
+    def __init__(self, vocab: int, seed: int, scale: float = 2.0):
+        gen = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.table = torch.randn(vocab, vocab, vocab, generator=gen) * scale
+
+    def tree_logits(self, tree, prev2, prev1):
+        """Target logits ``[R, B+1, V]`` at the root (last committed token ``prev1``) and every node."""
+        tokens = torch.cat([prev1.unsqueeze(1), tree.token_ids.clamp(min=0)], 1)
+        before = torch.cat([prev2.unsqueeze(1), tokens.gather(1, tree.parents)], 1)
+        return self.table[before, tokens]
+
+    def draft_logits(self, prev2, prev1, depth, noise, gen, sharp=False):
+        """Per-depth marginals of the target (a good drafter), perturbed by ``noise``."""
+        probs = self.table.softmax(-1)  # [a, b, c] = P(c | a, b)
+        state = torch.zeros(prev1.shape[0], self.vocab, self.vocab)
+        state[torch.arange(prev1.shape[0]), prev2, prev1] = 1.0
+        rows = []
+        for _ in range(depth):
+            state = torch.einsum("rab,abc->rbc", state, probs)
+            rows.append(state.sum(1))
+        logits = torch.log(torch.stack(rows, 1)) + noise * torch.randn(prev1.shape[0], depth, self.vocab, generator=gen)
+        if sharp:  # one finite token per depth: the tree is a chain
+            best = logits.argmax(-1, keepdim=True)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
+        return logits
+
+    def exact_distribution(self, context, length, temperature, top_k, top_p, min_p):
+        """``{sequence: probability}`` of the first ``length`` tokens, by enumeration, in numpy."""
+        table = self.table.numpy().astype(np.float64)
+        dist = {}
+        for seq in itertools.product(range(self.vocab), repeat=length):
+            full = list(context) + list(seq)
+            p = 1.0
+            for t in range(length):
+                row = table[full[len(context) + t - 2], full[len(context) + t - 1]]
+                p *= processed_probs_numpy(row, temperature, top_k, top_p, min_p)[seq[t]]
+            dist[seq] = p
+        return dist
+
+
+def processed_probs_numpy(row, temperature, top_k, top_p, min_p):
+    """vLLM's processing of one row, written independently of vllm_ddtree.verify: temperature,
+    min-p, top-k (ties at the cut kept), top-p (drop the ascending tail of mass <= 1 - p)."""
+    x = row / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    x = np.where(p < min_p * p.max(), -np.inf, x)
+    if 0 < top_k < len(x):
+        kth = np.sort(x)[-top_k]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p < 1:
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        order = np.argsort(x, kind="stable")
+        cum = np.cumsum(p[order])
+        for i, idx in enumerate(order[:-1]):
+            if cum[i] <= 1 - top_p:
+                x[idx] = -np.inf
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def generate_with_trees(target, context, length, sampling, depth, budget, noise=0.5, sharp=False, seed=0):
+    """Rounds of draft -> tree -> verify until every request has ``length`` tokens.
+
+    Returns the tokens ``[R, length]`` and the number of rounds (target steps) each request took.
+    """
+    R = sampling.seeds.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.tensor(context).expand(R, -1)
+    out = torch.full((R, length + depth + 1), -1, dtype=torch.int64)
+    lens = torch.zeros(R, dtype=torch.int64)
+    rounds = torch.zeros(R, dtype=torch.int64)  # target steps each request took
+    while (lens < length).any():
+        full = torch.cat([ctx, out], 1)
+        prev1 = full.gather(1, (len(context) + lens - 1).unsqueeze(1)).squeeze(1)
+        prev2 = full.gather(1, (len(context) + lens - 2).unsqueeze(1)).squeeze(1)
+        tree = build_tree(target.draft_logits(prev2, prev1, depth, noise, gen, sharp), budget)
+        verdict = verify_tree(tree, target.tree_logits(tree, prev2, prev1), sampling,
+                              root_positions=len(context) - 1 + lens)
+        emitted = verdict.num_accepted + 1
+        active = lens < length
+        j = torch.arange(depth + 1)
+        write = active.unsqueeze(1) & (j < emitted.unsqueeze(1))
+        cols = torch.where(write, lens.unsqueeze(1) + j, out.shape[1] - 1)
+        out.scatter_(1, cols, torch.where(write, verdict.output_tokens, out.gather(1, cols)))
+        lens = torch.where(active, lens + emitted, lens)
+        rounds += active.long()
+    return out[:, :length], rounds
+
+
+def generate_sequentially(target, context, length, sampling):
+    """Plain autoregressive sampling with the same keyed noise: what the tree rounds must equal."""
+    R = sampling.seeds.shape[0]
+    seq = torch.tensor(context).expand(R, -1)
+    for t in range(length):
+        logits = target.table[seq[:, -2], seq[:, -1]].unsqueeze(1)
+        positions = torch.full((R, 1), len(context) + t)
+        seq = torch.cat([seq, sample_target_tokens(logits, sampling, positions)], 1)
+    return seq[:, len(context):]
+
+
+__all__ = ["MarkovTarget", "TreeSampling", "generate_sequentially", "generate_with_trees",
+           "processed_probs_numpy"]

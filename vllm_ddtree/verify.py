@@ -1,0 +1,175 @@
+"""Round step 4, *verify*: the target's logits over the tree -> the accepted path and the bonus token.
+
+In:  a :class:`~vllm_ddtree.tree.DraftTree` (B nodes, depth D), the target's logits for its B+1 rows
+     ``[R, B+1, V]`` (row 0 = root), the requests' sampling parameters (:class:`TreeSampling`) and the
+     root's position ``[R]``.
+Out: :class:`TreeVerdict`: ``target_tokens [R, B+1]``, ``accepted_nodes [R, D+1]`` (root first, -1
+     after the path), ``num_accepted [R]`` (draft nodes accepted, 0..D) and ``output_tokens [R, D+1]``
+     (the accepted path's tokens then the bonus token, -1 after).
+
+Why it is lossless: every node gets one token from the target's own processed distribution at that
+node (argmax at T = 0). Walking from the root, we move to the child that carries the target's token,
+if the tree has one. The emitted tokens are then exactly a sequential sample from the target: each is
+the target's sample given the tokens before it. The noise of a sample is keyed by (seed, position of
+the sampled token, token id): the nodes on one path sit at distinct positions, so their noises are
+independent, and a request's output depends on its seed and its context only, not on the tree.
+
+Processing order follows vLLM's sampler: temperature, min-p, top-k, top-p. Ties at the top-k cut are
+all kept; top-p drops the low tail whose mass is at most 1 - p and always keeps the best token.
+Everything is fixed-shape tensor work: no host synchronisation and no loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_ddtree.tree import DraftTree
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class TreeSampling:
+    """Per-request sampling parameters, tensors ``[R]`` on the logits' device.
+
+    ``temperature`` 0 means greedy; ``top_k`` <= 0 or >= V, ``top_p`` >= 1 and ``min_p`` <= 0 turn that
+    filter off. ``seeds`` key the noise; an unseeded request should get a fresh random seed each step.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    seeds: torch.Tensor
+
+    @classmethod
+    def greedy(cls, num_requests: int, device=None) -> "TreeSampling":
+        return cls.uniform(num_requests, temperature=0.0, device=device)
+
+    @classmethod
+    def uniform(cls, num_requests: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                min_p: float = 0.0, seeds: torch.Tensor | None = None, device=None) -> "TreeSampling":
+        """The same parameters for every request (tests, benchmarks)."""
+        def full(value, dtype):
+            return torch.full((num_requests,), value, dtype=dtype, device=device)
+        if seeds is None:
+            seeds = torch.arange(num_requests, device=device)
+        return cls(full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
+                   full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64))
+
+
+@dataclass
+class TreeVerdict:
+    target_tokens: torch.Tensor
+    accepted_nodes: torch.Tensor
+    num_accepted: torch.Tensor
+    output_tokens: torch.Tensor
+
+
+def verify_tree(tree: DraftTree, target_logits: torch.Tensor, sampling: TreeSampling,
+                root_positions: torch.Tensor) -> TreeVerdict:
+    """Samples the target at every node, then walks the tree: see the module docstring."""
+    R, N, _ = target_logits.shape
+    if N != tree.max_nodes + 1:
+        raise ValueError(f"target_logits has {N} rows per request, the tree needs {tree.max_nodes + 1}")
+    node_depth = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
+    sampled_positions = root_positions.to(torch.int64).unsqueeze(1) + node_depth + 1
+    target_tokens = sample_target_tokens(target_logits, sampling, sampled_positions)
+    accepted_nodes, num_accepted = walk_tree(tree, target_tokens)
+    return TreeVerdict(target_tokens, accepted_nodes, num_accepted,
+                       _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted))
+
+
+def walk_tree(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the root, follow the child holding the target's token: ``(accepted_nodes [R, D+1], num_accepted)``."""
+    R, B = tree.token_ids.shape
+    dev = tree.token_ids.device
+    sink = B + 1  # "no matching child": a node whose only successor is itself
+    # A node matches when its token is the target's token at its parent. Siblings carry distinct
+    # tokens, so each node has at most one matching child; padding (token -1) never matches.
+    matches = tree.token_ids == target_tokens.gather(1, tree.parents)
+    child_ids = torch.arange(1, B + 1, device=dev).expand(R, -1)
+    next_node = torch.full((R, B + 2), -1, dtype=torch.int64, device=dev)
+    next_node.scatter_reduce_(1, tree.parents, torch.where(matches, child_ids, -1), reduce="amax")
+    next_node = torch.where(next_node < 0, sink, next_node)
+    next_node[:, sink] = sink
+    path = [torch.zeros(R, 1, dtype=torch.int64, device=dev)]
+    for _ in range(tree.max_depth):
+        path.append(next_node.gather(1, path[-1]))
+    path = torch.cat(path, 1)
+    num_accepted = (path[:, 1:] != sink).sum(1)
+    return torch.where(path == sink, -1, path), num_accepted
+
+
+def _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted):
+    R, L = accepted_nodes.shape
+    step = torch.arange(L, device=accepted_nodes.device).unsqueeze(0)
+    node_tokens = torch.cat([torch.full_like(tree.token_ids[:, :1], -1), tree.token_ids], 1)
+    path_tokens = node_tokens.gather(1, accepted_nodes[:, 1:].clamp(min=0))  # [R, D]
+    last = accepted_nodes.gather(1, num_accepted.unsqueeze(1))
+    bonus = target_tokens.gather(1, last)
+    out = torch.cat([path_tokens, torch.full_like(bonus, -1)], 1)
+    out = torch.where(step == num_accepted.unsqueeze(1), bonus, out)
+    return torch.where(step <= num_accepted.unsqueeze(1), out, -1)
+
+
+def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits [R, N, V]``: argmax where T = 0, else an exponential-race sample
+    from the processed distribution with noise keyed by (seed, ``positions [R, N]``, token)."""
+    greedy = logits.argmax(-1)
+    logprobs = processed_logprobs(logits, sampling)
+    noise = counter_uniform(sampling.seeds, positions, logits.shape[-1])
+    gumbel = -torch.log(-torch.log(noise))
+    sampled = (logprobs + gumbel).argmax(-1)
+    return torch.where((sampling.temperature <= 0).unsqueeze(1), greedy, sampled)
+
+
+def processed_logprobs(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:
+    """Log-probs after temperature, min-p, top-k and top-p (vLLM's order); masked tokens are -inf."""
+    V = logits.shape[-1]
+    temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)
+    x = logits.float() / temperature.view(-1, 1, 1)
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+
+    probs = x.softmax(-1)
+    min_p = sampling.min_p.view(-1, 1, 1)
+    x = torch.where(probs < min_p * probs.amax(-1, keepdim=True), neg_inf, x)
+
+    ascending, order = x.sort(-1)
+    k = torch.where((sampling.top_k <= 0) | (sampling.top_k >= V), V, sampling.top_k)
+    kth_largest = ascending.gather(-1, (V - k).view(-1, 1, 1).expand(-1, x.shape[1], 1))
+    ascending = torch.where(ascending < kth_largest, neg_inf, ascending)
+    tail_mass = ascending.softmax(-1).cumsum(-1)
+    drop = tail_mass <= (1 - sampling.top_p).view(-1, 1, 1)
+    drop[..., -1] = False
+    ascending = torch.where(drop, neg_inf, ascending)
+    x = torch.empty_like(x).scatter_(-1, order, ascending)
+    return x.log_softmax(-1)
+
+
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise ``[R, N, V]``, a pure function of (seed, position, token id).
+
+    A counter-based hash instead of a generator: no state to carry across steps, nothing that depends
+    on how many rows a step verifies, one fused expression for the whole batch.
+    """
+    seeds = seeds.to(torch.int64)
+    key = _mix32((seeds & _MASK32) ^ _mix32((seeds >> 32) & _MASK32))
+    key = _mix32(key.unsqueeze(1) ^ (positions.to(torch.int64) & _MASK32))
+    token = torch.arange(vocab, device=positions.device, dtype=torch.int64)
+    h = _mix32(key.unsqueeze(2) ^ _mix32((token + 0x9E3779B9) & _MASK32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply) on int64 holding values < 2**32.
+
+    Both multipliers are below 2**31, so products stay below 2**63: no signed overflow.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
