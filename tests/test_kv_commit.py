@@ -1,0 +1,114 @@
+"""commit_accepted_kv: the accepted path's KV lands in the first slots after the prefix, in every layout."""
+
+import pytest
+import torch
+
+from vllm_ddtree.kv_commit import (commit_accepted_kv, commit_accepted_kv_reference, commit_accepted_rows,
+                                   plan_commit, token_major_view)
+from vllm_ddtree.tree import build_tree
+
+
+def _cache(layout, blocks, block_size, heads, head_dim, dtype, gen):
+    shape = {"flash_attn": (2, blocks, block_size, heads, head_dim),
+             "vllm": (blocks, heads, block_size, 2 * head_dim),
+             "cpu": (blocks, heads, block_size, 2 * head_dim)}[layout]
+    x = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "vllm":  # vLLM's GPU backends get a strided per-layer view: physically [B, N, H, C]
+        x = torch.randn(blocks, block_size, heads, 2 * head_dim, generator=gen).to(dtype).transpose(1, 2)
+    return x
+
+
+def _token_content(view, block_table, block_size, r, pos):
+    return view[block_table[r, pos // block_size], pos % block_size].clone()
+
+
+def _random_paths(gen, R, depth, budget):
+    """Trees from random drafts, and for each a random accepted path (a node and its ancestors)."""
+    tree = build_tree(torch.randn(R, depth, 5, generator=gen) * 2, budget)
+    nodes = torch.full((R, depth + 1), -1, dtype=torch.long)
+    nodes[:, 0] = 0
+    for r in range(R):
+        n = int(tree.num_nodes[r])
+        end = int(torch.randint(0, n + 1, (1,), generator=gen))
+        chain = []
+        while end:
+            chain.append(end)
+            end = int(tree.parents[r, end - 1])
+        nodes[r, 1:len(chain) + 1] = torch.tensor(chain[::-1], dtype=torch.long)
+    nodes[0, 1:] = torch.cat([torch.arange(1, 3), torch.full((depth - 2,), -1)])  # contiguous path
+    return nodes
+
+
+@pytest.mark.parametrize("layout", ["flash_attn", "vllm", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [4, 16, 32])
+def test_commit_matches_naive_and_kernel(layout, dtype, block_size, device):
+    gen = torch.Generator().manual_seed(block_size)
+    R, depth, budget, heads, head_dim = 6, 5, 24, 2, 8
+    blocks_per_req = (200 + budget) // block_size + 2
+    block_table = torch.randperm(R * blocks_per_req, generator=gen).view(R, blocks_per_req)
+    roots = torch.randint(0, 200, (R,), generator=gen)
+    accepted = _random_paths(gen, R, depth, budget)
+    layers = [_cache(layout, R * blocks_per_req, block_size, heads, head_dim, dtype, gen) for _ in range(2)]
+
+    # Naive expectation, token by token.
+    expected = []
+    for cache in layers:
+        view = token_major_view(cache.clone(), layout)
+        before = [[_token_content(view, block_table, block_size, r, int(roots[r]) + i) for i in range(budget + 1)]
+                  for r in range(R)]
+        for r in range(R):
+            for j, node in enumerate(accepted[r].tolist()):
+                if node >= 0:
+                    pos = int(roots[r]) + j
+                    view[block_table[r, pos // block_size], pos % block_size] = before[r][node]
+        expected.append(view)
+
+    plan = plan_commit(block_table.to(device), block_size, roots.to(device), accepted.to(device))
+    assert not plan.moves[0].any()  # a contiguous path moves nothing
+    for use_triton in (False, True):
+        caches = [c.clone().to(device) for c in layers]
+        commit_accepted_kv([token_major_view(c, layout) for c in caches], plan, use_triton=use_triton)
+        for got, want in zip(caches, expected):
+            assert torch.equal(token_major_view(got, layout).cpu(), want), f"use_triton={use_triton}"
+
+
+def test_overlapping_path_reads_before_writes(device):
+    # Path 0 -> 2 -> 5 -> 6: node 2 moves to slot 1 while node 5 moves into slot 2 and 6 into 3.
+    cache = torch.arange(2 * 8 * 4 * 1 * 2, dtype=torch.float32).view(2, 8, 4, 1, 2)
+    accepted = torch.tensor([[0, 2, 5, 6]])
+    plan = plan_commit(torch.tensor([[3, 1, 0, 2, 4, 5, 6, 7]]), 4, torch.tensor([2]), accepted)
+    for use_triton in (False, True):
+        c = cache.clone().to(device)
+        view = token_major_view(c, "flash_attn")
+        before = [view[plan.src_block[0, j], plan.src_offset[0, j]].clone() for j in range(3)]
+        commit_accepted_kv([view], plan, use_triton=use_triton)
+        for j in range(3):
+            assert torch.equal(view[plan.dst_block[0, j], plan.dst_offset[0, j]], before[j])
+
+
+def test_commit_rows_for_drafter_hidden_states():
+    rows = torch.randn(40, 6)
+    root_rows = torch.tensor([0, 13, 27])
+    accepted = torch.tensor([[0, 3, 4, -1], [0, 1, 2, 3], [0, 2, 9, 11]])
+    want = rows.clone()
+    for r in range(3):
+        for j, node in enumerate(accepted[r].tolist()):
+            if node >= 0:
+                want[root_rows[r] + j] = rows[root_rows[r] + node]
+    commit_accepted_rows(rows, root_rows, accepted)
+    assert torch.equal(rows, want)
+
+
+def test_unknown_layout():
+    with pytest.raises(ValueError, match="unknown KV cache layout 'nhd'"):
+        token_major_view(torch.zeros(1), "nhd")
+
+
+def test_reference_is_what_the_dispatcher_runs_on_cpu():
+    cache = torch.randn(2, 4, 4, 1, 2)
+    plan = plan_commit(torch.tensor([[0, 1, 2, 3]]), 4, torch.tensor([0]), torch.tensor([[0, 3, -1]]))
+    a, b = cache.clone(), cache.clone()
+    commit_accepted_kv([token_major_view(a, "flash_attn")], plan)
+    commit_accepted_kv_reference(token_major_view(b, "flash_attn"), plan)
+    assert torch.equal(a, b) and not torch.equal(a, cache)

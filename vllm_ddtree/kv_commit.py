@@ -1,0 +1,148 @@
+"""Round step 5, *commit*: keep the accepted path's KV, contiguous after the committed prefix.
+
+The target wrote the B+1 tree rows at sequential storage positions ``root + 0 .. root + B`` (row 0 is
+the root, already committed). The scheduler then keeps the first ``k+1`` of them (k accepted nodes),
+so the accepted path's rows ``root + a_1 .. root + a_k`` must be moved to ``root + 1 .. root + k``.
+
+In:  per-layer paged caches (as token-major views, see :func:`token_major_view`), the block table
+     ``[R, max_blocks]``, the root's storage position ``[R]`` and ``accepted_nodes [R, D+1]`` from
+     :mod:`vllm_ddtree.verify` (root first, -1 after the path).
+Out: the caches, changed in place. :func:`commit_accepted_rows` applies the same permutation to
+     per-token rows (the hidden states the drafter reads next round).
+
+The work is split as FlashInfer splits it: :func:`plan_commit` turns positions into (block, offset)
+pairs once per step; :func:`commit_accepted_kv` only moves, for every layer. Moves whose node already
+sits in its slot (a path that is a prefix of the flattened order, the common case) are masked off,
+so a request whose path is contiguous costs nothing but the launch. Paths can overlap their own
+destinations, so every source is read before any destination is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The layouts the commit can address; each names how a layer's cache tensor maps to token slots.
+#   "flash_attn": [2, num_blocks, block_size, kv_heads, head_dim] (FlashAttention's classic layout)
+#   "vllm":       [num_blocks, kv_heads, block_size, 2 * head_dim], the per-layer logical view vLLM
+#                 0.32+ hands to its GPU backends, K and V side by side in the last dim (any strides)
+#   "cpu":        the same shape, as vLLM's CPU backend uses its bytes: [num_blocks, kv_heads,
+#                 2, block_size, head_dim] (keys of a block, then its values)
+LAYOUTS = ("flash_attn", "vllm", "cpu")
+
+
+def token_major_view(kv_cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """A view ``[num_blocks, block_size, ...]`` of one layer's cache: index 0/1 pick a token slot."""
+    if layout == "flash_attn":
+        return kv_cache.movedim(0, 2)  # [blocks, block_size, 2, heads, head_dim]
+    if layout == "vllm":
+        return kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2 * head_dim]
+    if layout == "cpu":
+        blocks, heads, block_size, content = kv_cache.shape
+        split = kv_cache.view(blocks, heads, 2, block_size, content // 2)
+        return split.permute(0, 3, 1, 2, 4)  # [blocks, block_size, heads, 2, head_dim]
+    raise ValueError(f"unknown KV cache layout {layout!r}; known: {', '.join(LAYOUTS)}")
+
+
+@dataclass
+class CommitPlan:
+    """Slot moves ``[R, D]``: node ``accepted_nodes[:, j]`` -> path slot j, for j = 1..D."""
+
+    src_block: torch.Tensor
+    src_offset: torch.Tensor
+    dst_block: torch.Tensor
+    dst_offset: torch.Tensor
+    moves: torch.Tensor  # bool: this slot really moves
+
+    @property
+    def max_moves(self) -> int:
+        return self.moves.shape[1]
+
+
+def plan_commit(block_table: torch.Tensor, block_size: int, root_positions: torch.Tensor,
+                accepted_nodes: torch.Tensor) -> CommitPlan:
+    """Positions -> (block, offset) pairs for every move of every request, on the device."""
+    path = accepted_nodes[:, 1:]
+    slot = torch.arange(1, path.shape[1] + 1, device=path.device)
+    moves = (path >= 0) & (path != slot)
+    root = root_positions.to(torch.int64).unsqueeze(1)
+    src = root + torch.where(moves, path, 0)  # non-moves point at the root, which never moves
+    dst = root + torch.where(moves, slot, 0)
+    table = block_table.to(torch.int64)
+    return CommitPlan(table.gather(1, src // block_size), src % block_size,
+                      table.gather(1, dst // block_size), dst % block_size, moves)
+
+
+def commit_accepted_kv(token_views: list[torch.Tensor], plan: CommitPlan, use_triton: bool | None = None) -> None:
+    """Applies ``plan`` to every layer's token-major cache view, in place.
+
+    ``use_triton`` defaults to the Triton kernel on GPU tensors and the torch reference elsewhere.
+    """
+    for view in token_views:
+        if use_triton if use_triton is not None else view.is_cuda:
+            _commit_triton(view, plan)
+        else:
+            commit_accepted_kv_reference(view, plan)
+
+
+def commit_accepted_kv_reference(view: torch.Tensor, plan: CommitPlan) -> None:
+    """Torch reference: advanced-index gather of every source, then scatter (overlap-safe)."""
+    moves = plan.moves
+    values = view[plan.src_block[moves], plan.src_offset[moves]]
+    view[plan.dst_block[moves], plan.dst_offset[moves]] = values
+
+
+def commit_accepted_rows(rows: torch.Tensor, root_rows: torch.Tensor, accepted_nodes: torch.Tensor) -> None:
+    """The same permutation on per-token rows ``[T, ...]`` whose tree rows start at ``root_rows [R]``."""
+    path = accepted_nodes[:, 1:]
+    slot = torch.arange(1, path.shape[1] + 1, device=path.device)
+    moves = (path >= 0) & (path != slot)
+    root = root_rows.to(torch.int64).unsqueeze(1)
+    src = (root + torch.where(moves, path, 0)).flatten()
+    dst = (root + torch.where(moves, slot, 0)).flatten()
+    # Non-moves copy the root row onto itself; the right-hand side is gathered before the write.
+    rows[dst] = rows[src]
+
+
+def _commit_triton(view: torch.Tensor, plan: CommitPlan) -> None:
+    import triton
+
+    from vllm_ddtree.kernels.kv_commit import move_kv_slots_kernel
+
+    inner_sizes, inner_strides = _coalesce(view.shape[2:], view.stride()[2:])
+    if len(inner_sizes) > 2:
+        raise ValueError(f"KV cache view with strides {view.stride()} cannot be addressed as [A, C]")
+    while len(inner_sizes) < 2:
+        inner_sizes, inner_strides = (1, *inner_sizes), (0, *inner_strides)
+    (A, C), (stride_a, stride_c) = inner_sizes, inner_strides
+    # Bits are moved, not numbers: an integer view of the same width avoids dtype handling (bf16, fp8).
+    bits = view.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[view.element_size()])
+    R, M = plan.moves.shape
+    elems = A * C
+    block_e = min(1024, max(16, _next_pow2(elems)))
+    grid = (R, triton.cdiv(elems, block_e))
+    move_kv_slots_kernel[grid](
+        bits, plan.src_block, plan.src_offset, plan.dst_block, plan.dst_offset, plan.moves.to(torch.int8),
+        view.stride(0), view.stride(1), stride_a, stride_c,
+        C=C, ELEMS=elems, MAX_MOVES=M, MOVES_POW2=max(2, _next_pow2(M)), BLOCK_E=block_e,
+    )
+
+
+def _coalesce(sizes, strides):
+    """Merges adjacent dims that are laid out as one (stride[i] == stride[i+1] * size[i+1])."""
+    out_sizes, out_strides = [], []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if out_sizes and out_strides[-1] == stride * size:
+            out_sizes[-1] *= size
+            out_strides[-1] = stride
+        else:
+            out_sizes.append(size)
+            out_strides.append(stride)
+    return tuple(out_sizes), tuple(out_strides)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
