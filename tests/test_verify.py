@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from toy_target import (MarkovTarget, generate_sequentially, generate_with_trees,
-                        processed_probs_numpy)
+from oracle import exact_distribution, processed_probs_numpy
 
+from vllm_ddtree.toy import MarkovTarget, generate_sequentially, generate_with_trees
 from vllm_ddtree.tree import build_tree
 from vllm_ddtree.verify import TreeSampling, processed_logprobs, verify_tree, walk_tree
 
@@ -104,11 +104,11 @@ def test_emitted_distribution_is_the_targets(shape, temperature):
     sampling = TreeSampling.uniform(draws, temperature, *PARAMS[temperature],
                                     seeds=torch.randint(0, 2**62, (draws,), generator=torch.Generator().manual_seed(9)))
     seqs, _ = generate_with_trees(target, context, length, sampling, depth, budget, sharp=sharp, seed=3)
-    expected = target.exact_distribution(context, length, temperature, *PARAMS[temperature])
+    expected = exact_distribution(target, context, length, temperature, *PARAMS[temperature])
     p_value = _chi_square_p(seqs, expected, target.vocab)
     assert p_value > 1e-3, p_value
     # The test has power: the same draws are rejected against a slightly different target.
-    other = target.exact_distribution(context, length, temperature * 1.15, *PARAMS[temperature])
+    other = exact_distribution(target, context, length, temperature * 1.15, *PARAMS[temperature])
     assert _chi_square_p(seqs, other, target.vocab) < 1e-6
 
 

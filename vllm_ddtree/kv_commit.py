@@ -87,10 +87,12 @@ def commit_accepted_kv(token_views: list[torch.Tensor], plan: CommitPlan, use_tr
 
 
 def commit_accepted_kv_reference(view: torch.Tensor, plan: CommitPlan) -> None:
-    """Torch reference: advanced-index gather of every source, then scatter (overlap-safe)."""
-    moves = plan.moves
-    values = view[plan.src_block[moves], plan.src_offset[moves]]
-    view[plan.dst_block[moves], plan.dst_offset[moves]] = values
+    """Torch reference: advanced-index gather of every source, then scatter (overlap-safe).
+
+    Fixed shapes, no boolean masking: a non-move copies the root slot onto itself.
+    """
+    values = view[plan.src_block, plan.src_offset]
+    view[plan.dst_block, plan.dst_offset] = values
 
 
 def commit_accepted_rows(rows: torch.Tensor, root_rows: torch.Tensor, accepted_nodes: torch.Tensor) -> None:

@@ -1,16 +1,14 @@
-"""A toy target with known conditionals, and generation loops over it (with and without trees).
+"""A toy target with known conditionals, generation loops over it, and the toy demo.
 
-The target is a second-order Markov model over a small vocabulary: the logits of the next token are
+Used by the losslessness tests and the round benchmark, and runnable as ``python -m vllm_ddtree.toy``:
+the same drafter as a chain and as a tree, on a batch, with tau for both. The target is a second-order Markov model over a small vocabulary: the logits of the next token are
 ``table[previous-but-one token, previous token]``. Its conditional at every tree node follows from the
 node's path, so a whole tree's target logits are two gathers, and the exact distribution of the first
-L generated tokens can be enumerated.
+L generated tokens can be enumerated (the tests do).
 """
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import torch
 
 from vllm_ddtree.tree import build_tree
@@ -43,41 +41,6 @@ class MarkovTarget:
             best = logits.argmax(-1, keepdim=True)
             logits = torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
         return logits
-
-    def exact_distribution(self, context, length, temperature, top_k, top_p, min_p):
-        """``{sequence: probability}`` of the first ``length`` tokens, by enumeration, in numpy."""
-        table = self.table.numpy().astype(np.float64)
-        dist = {}
-        for seq in itertools.product(range(self.vocab), repeat=length):
-            full = list(context) + list(seq)
-            p = 1.0
-            for t in range(length):
-                row = table[full[len(context) + t - 2], full[len(context) + t - 1]]
-                p *= processed_probs_numpy(row, temperature, top_k, top_p, min_p)[seq[t]]
-            dist[seq] = p
-        return dist
-
-
-def processed_probs_numpy(row, temperature, top_k, top_p, min_p):
-    """vLLM's processing of one row, written independently of vllm_ddtree.verify: temperature,
-    min-p, top-k (ties at the cut kept), top-p (drop the ascending tail of mass <= 1 - p)."""
-    x = row / temperature
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    x = np.where(p < min_p * p.max(), -np.inf, x)
-    if 0 < top_k < len(x):
-        kth = np.sort(x)[-top_k]
-        x = np.where(x < kth, -np.inf, x)
-    if top_p < 1:
-        p = np.exp(x - x.max())
-        p /= p.sum()
-        order = np.argsort(x, kind="stable")
-        cum = np.cumsum(p[order])
-        for i, idx in enumerate(order[:-1]):
-            if cum[i] <= 1 - top_p:
-                x[idx] = -np.inf
-    p = np.exp(x - x.max())
-    return p / p.sum()
 
 
 def generate_with_trees(target, context, length, sampling, depth, budget, noise=0.5, sharp=False, seed=0):
@@ -120,5 +83,35 @@ def generate_sequentially(target, context, length, sampling):
     return seq[:, len(context):]
 
 
-__all__ = ["MarkovTarget", "TreeSampling", "generate_sequentially", "generate_with_trees",
-           "processed_probs_numpy"]
+
+
+def main() -> None:
+    """The toy demo: one drafter used as a chain (vLLM's DFlash) and as DDTrees of growing budgets."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--vocab", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=7, help="D = drafter block size - 1")
+    args = parser.parse_args()
+
+    target = MarkovTarget(args.vocab, seed=0)
+    context = [1, 2]
+    print(f"toy target: 2nd-order Markov, vocab {args.vocab}; drafter: per-depth marginals + noise, D = {args.depth}")
+    print(f"{args.requests} requests x {args.tokens} tokens\n")
+    print(f"{'T':>4} {'method':>14} {'tau':>6} {'vs chain':>9} {'= autoregressive':>17}")
+    for temperature in (0.0, 1.0):
+        sampling = TreeSampling.uniform(args.requests, temperature, seeds=torch.arange(args.requests))
+        reference = generate_sequentially(target, context, args.tokens, sampling)
+        chain_tau = None
+        for name, budget, sharp in [("chain", args.depth, True)] + [(f"ddtree B={b}", b, False) for b in (8, 16, 32, 64)]:
+            out, rounds = generate_with_trees(target, context, args.tokens, sampling, args.depth, budget, sharp=sharp)
+            tau = args.tokens / rounds.float().mean().item()
+            chain_tau = chain_tau or tau
+            same = "yes" if torch.equal(out, reference) else "NO"
+            print(f"{temperature:>4} {name:>14} {tau:>6.2f} {tau / chain_tau:>8.2f}x {same:>17}")
+
+
+if __name__ == "__main__":
+    main()

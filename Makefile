@@ -1,0 +1,16 @@
+# One command each: `make test` builds the CPU environment (.venv, idempotent) and runs every test;
+# `make demo` runs the main job.
+PY := .venv/bin/python
+
+.PHONY: env test demo bench
+env:
+	bash scripts/setup_env.sh
+
+test: env
+	$(PY) -m pytest -q
+
+demo: env
+	$(PY) -m vllm_ddtree.toy
+
+bench: env
+	$(PY) benchmarks/bench_round.py

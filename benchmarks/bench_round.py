@@ -1,0 +1,134 @@
+"""Per-step cost of the DDTree round's bookkeeping: tree build, verify walk, KV commit.
+
+Baseline (same run): the DDTree reference's per-request path, i.e. the top-k moved to the host, a
+Python heap per request (tests/reference_heap.py, a port of liranringel/ddtree's build_ddtree_tree),
+the walk through per-request child maps after ``.tolist()``, and a per-request ``index_select``
+compaction of each layer's cache. The vocabulary pass (log-softmax + top-k) is the same for both and
+reported on its own.
+
+Usage: ``python benchmarks/bench_round.py [--requests 1 8 32 64] [--budgets 16 32 64 128]``.
+Prints a table and the machine, versions and command; on a GPU times are taken with CUDA events
+after warm-up, on CPU with ``time.perf_counter`` (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from reference_heap import reference_tree  # noqa: E402
+
+from vllm_ddtree.kv_commit import commit_accepted_kv, plan_commit, token_major_view  # noqa: E402
+from vllm_ddtree.tree import build_tree_from_topk, draft_topk  # noqa: E402
+from vllm_ddtree.verify import walk_tree  # noqa: E402
+
+DEPTH = 15
+VOCAB = 151936
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 8, 128, 16
+
+
+def timed(fn, device, repeats):
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def following_target_tokens(tree, gen):
+    """Target tokens that follow the tree at ~80% of nodes, so walks go deep as with a good drafter."""
+    R, B = tree.token_ids.shape
+    random_tokens = torch.randint(0, VOCAB, (R, B + 1), generator=gen).to(tree.token_ids.device)
+    # For each node, the token of one of its children (the last one written wins): a path to follow.
+    child_token = random_tokens.clone().scatter_(1, tree.parents, tree.token_ids.clamp(min=0))
+    follow = torch.rand(R, B + 1, generator=gen).to(tree.token_ids.device) < 0.8
+    return torch.where(follow, child_token, random_tokens)
+
+
+def reference_round(logp, tokens, budget, target_tokens, caches, roots):
+    """The reference's per-request host path: heap, walk, dense compaction."""
+    logp, tokens, target = logp.cpu().numpy(), tokens.cpu().numpy(), target_tokens.tolist()
+    for r in range(logp.shape[0]):
+        nodes = reference_tree(logp[r], tokens[r], budget)
+        child_maps = [dict() for _ in range(len(nodes) + 1)]
+        for i, (path, parent, _, _) in enumerate(nodes, start=1):
+            child_maps[parent][path[-1]] = i
+        accepted, current = [0], 0
+        while target[r][current] in child_maps[current]:
+            current = child_maps[current][target[r][current]]
+            accepted.append(current)
+        keep = torch.tensor(accepted, device=caches[0].device) + int(roots[r])
+        for cache in caches:  # a dense [2, T, heads, head_dim] cache per request, as the reference keeps
+            cache[:, int(roots[r]):int(roots[r]) + len(accepted)] = cache.index_select(1, keep)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}"
+          f" ({os.cpu_count()} cores), torch {torch.__version__}, python {platform.python_version()}")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"D = {DEPTH}, V = {VOCAB}; commit over {LAYERS} layers of {KV_HEADS}x{HEAD_DIM} {dtype}, block {BLOCK_SIZE}")
+    print("times per step in microseconds (median); ratio = reference / ours for build+walk+commit\n")
+    header = f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'walk':>9} {'commit':>9} {'ours':>9} {'reference':>10} {'ratio':>7}"
+    print(header)
+    for R in args.requests:
+        logits = (torch.randn(R, DEPTH, VOCAB, generator=gen) * 4).to(device)
+        for B in args.budgets:
+            k = min(B, VOCAB)
+            t_topk = timed(lambda: draft_topk(logits, k), device, args.repeats)
+            logp, tokens = draft_topk(logits, k)
+            tree = build_tree_from_topk(logp, tokens, B, B)
+            t_build = timed(lambda: build_tree_from_topk(logp, tokens, B, B), device, args.repeats)
+            target_tokens = following_target_tokens(tree, gen)
+            t_walk = timed(lambda: walk_tree(tree, target_tokens), device, args.repeats)
+
+            accepted, _ = walk_tree(tree, target_tokens)
+            blocks_per_req = (1024 + B) // BLOCK_SIZE + 2
+            block_table = torch.arange(R * blocks_per_req, device=device).view(R, blocks_per_req)
+            roots = torch.randint(0, 1024, (R,), generator=gen).to(device)
+            caches = [torch.randn(R * blocks_per_req, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=device).to(dtype)
+                      for _ in range(LAYERS)]
+            views = [token_major_view(c, "vllm") for c in caches]
+
+            def commit():
+                commit_accepted_kv(views, plan_commit(block_table, BLOCK_SIZE, roots, accepted))
+
+            t_commit = timed(commit, device, args.repeats)
+            ours = t_build + t_walk + t_commit
+
+            dense = [torch.randn(2, 1024 + B + 1, KV_HEADS, HEAD_DIM, device=device).to(dtype) for _ in range(LAYERS)]
+            t_ref = timed(lambda: reference_round(logp, tokens, B, target_tokens, dense, roots.cpu()),
+                          device, max(1, args.repeats // 2))
+            us = [x * 1e6 for x in (t_topk, t_build, t_walk, t_commit, ours, t_ref)]
+            print(f"{R:>3} {B:>4} " + " ".join(f"{x:>9.0f}" for x in us[:5]) + f" {us[5]:>10.0f} {t_ref / ours:>6.1f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
