@@ -1,0 +1,123 @@
+"""Triton kernel of round step 3 (tree attention): ancestor-masked attention over a paged KV cache.
+
+Launcher, metadata and torch reference: :mod:`vllm_ddtree.tree_attention`.
+
+One launch serves a mixed batch. Every query row sees its request's committed context; a row of a
+tree request then sees the tree keys whose bit is set in its packed ancestor row, any other row sees
+the keys up to its own position (causal). Grid: (query tiles of all requests, KV heads); a tile holds
+BLOCK_Q query rows of one request times the G query heads that share the KV head, so K and V are
+read once per tile for the whole group.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _request_of_tile(query_start_ptr, tile, num_requests, BLOCK_Q: tl.constexpr):
+    # Request r's tiles start at query_start[r] // BLOCK_Q + r (each request rounds up to whole tiles);
+    # the owner of `tile` is the last request starting at or before it.
+    lo = 0
+    hi = num_requests
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def tree_attention_kernel(
+    out_ptr, q_ptr, k_ptr, v_ptr,
+    query_start_ptr,   # [R + 1] int32: query rows of request r are query_start[r] .. query_start[r+1]-1
+    seq_lens_ptr,      # [R] int32: keys of request r, this step's rows included
+    block_table_ptr,   # [R, max_blocks] int32
+    tree_bits_ptr,     # [R, TREE_ROWS, WORDS] int32 ancestor bits over the request's last query rows
+    tree_rows_ptr,     # [R] int32: > 0 for a tree request (its rows use the bits), 0 = causal
+    scale,
+    num_requests,
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
+    stride_bt,
+    TREE_ROWS: tl.constexpr, WORDS: tl.constexpr,
+    GROUP: tl.constexpr,           # query heads per KV head
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = BLOCK_Q * GROUP rounded up to a power of 2
+    PAGE: tl.constexpr,            # KV block size: one page per iteration
+    COMPUTE_DTYPE: tl.constexpr,   # input dtype on GPU; float32 under the interpreter (its bf16 is wrong)
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req = _request_of_tile(query_start_ptr, tile, num_requests, BLOCK_Q)
+    q_start = tl.load(query_start_ptr + req)
+    q_len = tl.load(query_start_ptr + req + 1) - q_start
+    local_tile = tile - (q_start // BLOCK_Q + req)
+    if local_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context = seq_len - q_len  # keys before this step's rows: visible to every row
+    tree_rows = tl.load(tree_rows_ptr + req)
+
+    m = tl.arange(0, BLOCK_M)
+    row = local_tile * BLOCK_Q + m // GROUP  # query row within the request
+    head = kv_head * GROUP + m % GROUP
+    row_ok = (m < BLOCK_Q * GROUP) & (row < q_len)
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(q_ptr + (q_start + row)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+
+    # Tree rows are the request's last `tree_rows` query rows; their bits index keys from tree_base.
+    tree_base = seq_len - tree_rows
+    tree_row = row - (q_len - tree_rows)
+    is_tree_row = row_ok & (tree_row >= 0)  # never for a causal request: tree_row < 0 there
+    # The last key any row of the tile may see: causal rows stop at their own position.
+    last_row = tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    if tree_rows > 0:
+        key_end = seq_len
+    else:
+        key_end = context + last_row + 1
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    n = tl.arange(0, PAGE)
+    for start in range(0, key_end, PAGE):
+        block = tl.load(block_table_ptr + req * stride_bt + start // PAGE)
+        key = start + n
+        key_ok = key < key_end
+        k = tl.load(k_ptr + block * stride_k_block + n[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None],
+                    mask=key_ok[None, :] & d_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
+        s = tl.dot(q, k, out_dtype=tl.float32) * scale
+        if start + PAGE > context:  # only pages that hold this step's rows need the mask
+            causal = key[None, :] <= (context + row)[:, None]
+            bit_index = tl.maximum(key - tree_base, 0)
+            in_tree = is_tree_row[:, None] & (key >= tree_base)[None, :]
+            word = tl.load(tree_bits_ptr + (req * TREE_ROWS + tree_row)[:, None] * WORDS + (bit_index // 32)[None, :],
+                           mask=in_tree & key_ok[None, :], other=0)
+            ancestor = ((word >> (bit_index % 32)[None, :]) & 1) != 0
+            visible = (key[None, :] < context) | tl.where(in_tree, ancestor, causal & (key[None, :] < tree_base))
+            visible = visible & key_ok[None, :] & row_ok[:, None]
+            s = tl.where(visible, s, float("-inf"))
+        else:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen nothing yet keep m = -inf; shift by 0 then, so exp() stays finite.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - shift[:, None])
+        alpha = tl.exp(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + block * stride_v_block + n[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, out_dtype=tl.float32)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_start + row)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

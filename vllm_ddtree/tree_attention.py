@@ -1,0 +1,142 @@
+"""Round step 3, *tree attention*: the target attends over the tree with an ancestor-only mask.
+
+In:  queries ``[T, Hq, head_dim]`` of a mixed batch (prefill, decode and tree rows, flattened request
+     by request), one layer's paged keys and values as ``[num_blocks, block_size, Hkv, head_dim]``
+     views (see :func:`split_kv_cache`), and :class:`TreeAttentionMetadata` (built once per step, shared
+     by every layer). The step's own K/V are already in the cache, as in vLLM.
+Out: ``[T, Hq, head_dim]`` attention outputs.
+
+Which keys a query row sees: every key of its request's committed context (positions below
+``seq_len - query_len``); then, for a tree request, the tree keys whose bit is set in the row's packed
+ancestor row (the tree is the request's last ``tree_rows`` query rows, row 0 the root); for any other
+row, the keys up to its own position (causal). A tree that is a chain gives exactly the causal result.
+
+:func:`tree_attention` is the Triton kernel's launcher (one launch per layer, fixed shapes for a
+fixed batch and B, so it can run inside a CUDA graph). :func:`tree_attention_reference` builds the
+dense boolean mask from the block table and runs plain attention per request: the tests' oracle and
+the CPU path (vLLM's CPU attention cannot take a mask). It reads lengths back to the host.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vllm_ddtree.kv_commit import token_major_view
+from vllm_ddtree.tree import unpack_bits
+
+
+@dataclass
+class TreeAttentionMetadata:
+    """Per-step structure of the batch, shared by every layer.
+
+    ``query_start_loc [R+1]`` int32 (cumulative query rows), ``seq_lens [R]`` int32 (keys per request,
+    this step's rows included), ``block_table [R, max_blocks]`` int32, ``tree_bits [R, N, W]`` int32
+    (ancestor bits of each request's tree, ``N`` = B+1 rows; any content for causal requests) and
+    ``tree_rows [R]`` int32 (rows under the tree mask: B+1 for a tree request, 0 for a causal one).
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    tree_bits: torch.Tensor
+    tree_rows: torch.Tensor
+
+
+def split_kv_cache(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cache -> (keys, values), each a ``[num_blocks, block_size, Hkv, head_dim]`` view."""
+    view = token_major_view(kv_cache, layout)
+    if layout == "flash_attn":  # [blocks, block_size, 2, heads, head_dim]
+        return view[:, :, 0], view[:, :, 1]
+    if layout == "cpu":  # [blocks, block_size, heads, 2, head_dim]
+        return view[..., 0, :], view[..., 1, :]
+    head_dim = view.shape[-1] // 2  # "vllm": [blocks, block_size, heads, 2 * head_dim]
+    return view[..., :head_dim], view[..., head_dim:]
+
+
+def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
+                   block_q: int | None = None) -> torch.Tensor:
+    """Launches the Triton kernel: see the module docstring."""
+    import triton
+    import triton.language as tl
+
+    from vllm_ddtree.kernels.tree_attention import tree_attention_kernel
+
+    T, num_heads, head_dim = query.shape
+    num_blocks, page, kv_heads, _ = key_cache.shape
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {kv_heads} KV heads")
+    if page < 16 or page & (page - 1):
+        raise ValueError(f"KV block size {page} is not supported: use a power of two >= 16")
+    if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
+        raise ValueError("query, keys and values need a contiguous head dimension")
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    R = meta.seq_lens.shape[0]
+    # Tiles of about 64 (query row, head) pairs: enough rows for tl.dot, few enough to keep a GQA-8
+    # tree of 65 rows at 9 tiles rather than padding it to 128 rows.
+    if block_q is None:
+        block_q = max(1, 64 // group)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    compute = tl.float32 if interpreted or query.dtype == torch.float32 else (
+        tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16)
+    grid = (T // block_q + R, kv_heads)
+    tree_attention_kernel[grid](
+        out, query, key_cache, value_cache,
+        meta.query_start_loc, meta.seq_lens, meta.block_table, meta.tree_bits, meta.tree_rows,
+        scale, R,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        meta.block_table.stride(0),
+        TREE_ROWS=meta.tree_bits.shape[1], WORDS=meta.tree_bits.shape[2],
+        GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_Q=block_q, BLOCK_M=block_m, PAGE=page, COMPUTE_DTYPE=compute,
+    )
+    return out
+
+
+def visibility_mask(meta: TreeAttentionMetadata, r: int) -> torch.Tensor:
+    """Dense ``bool [query_len, seq_len]`` mask of request ``r`` (host-side, for the reference)."""
+    q_len = int(meta.query_start_loc[r + 1] - meta.query_start_loc[r])
+    seq_len = int(meta.seq_lens[r])
+    context = seq_len - q_len
+    dev = meta.seq_lens.device
+    rows = torch.arange(q_len, device=dev).unsqueeze(1)
+    keys = torch.arange(seq_len, device=dev).unsqueeze(0)
+    mask = keys <= context + rows
+    tree_rows = int(meta.tree_rows[r])
+    if tree_rows:
+        bits = unpack_bits(meta.tree_bits[r, :tree_rows], tree_rows)
+        mask[q_len - tree_rows:, seq_len - tree_rows:] = bits
+    return mask
+
+
+def tree_attention_reference(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                             meta: TreeAttentionMetadata, scale: float,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention per request under the dense mask, in float32; same contract as the kernel."""
+    T, num_heads, head_dim = query.shape
+    page, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    for r in range(meta.seq_lens.shape[0]):
+        q0, q1 = int(meta.query_start_loc[r]), int(meta.query_start_loc[r + 1])
+        if q1 == q0:
+            continue
+        seq_len = int(meta.seq_lens[r])
+        positions = torch.arange(seq_len, device=query.device)
+        blocks = meta.block_table[r, positions // page].long()
+        keys = key_cache[blocks, positions % page].float().repeat_interleave(group, 1)  # [S, Hq, D]
+        values = value_cache[blocks, positions % page].float().repeat_interleave(group, 1)
+        q = query[q0:q1].float()
+        scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        scores = scores.masked_fill(~visibility_mask(meta, r), float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(out.dtype)
+    return out
