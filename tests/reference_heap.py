@@ -1,8 +1,9 @@
 """A plain-Python port of the DDTree reference's best-first heap (liranringel/ddtree, build_ddtree_tree).
 
 The reference is the oracle for :func:`vllm_ddtree.tree.build_tree`: one request at a time, a real
-``heapq``, keyed ``(-score, rank tuple)`` exactly as the reference keys it. One documented change: a
-node's score is ``parent score + logp`` in float32 (the reference's sibling update
+``heapq``, keyed ``(-score, rank tuple)`` exactly as the reference keys it. Two documented changes: a
+node of score ``-inf`` (drafter probability 0) ends the selection instead of filling the budget
+(vllm_ddtree.tree explains why), and a node's score is ``parent score + logp`` in float32 (the reference's sibling update
 ``w - lp[r] + lp[r+1]`` is the same sum rewritten, but NaN when ``lp[r]`` is ``-inf`` and rounded
 differently), so both sides define equal scores the same way.
 """
@@ -31,6 +32,8 @@ def reference_tree(top_logp: np.ndarray, top_tokens: np.ndarray, budget: int):
     paths = {0: ()}
     while heap and len(nodes) < budget:
         _, ranks, parent, depth, rank, score = heapq.heappop(heap)
+        if score == -np.inf:  # our one deliberate change: probability-0 nodes are never drafted
+            break
         index = len(nodes) + 1
         path = paths[parent] + (int(top_tokens[depth - 1, rank]),)
         paths[index] = path

@@ -1,11 +1,15 @@
 """build_tree against the reference heap, node for node, on thousands of random requests."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from reference_heap import reference_tree
 
 from vllm_ddtree.tree import build_tree, draft_topk, pack_bits, unpack_bits
+
+TRIALS = int(os.environ.get("DDTREE_TREE_TRIALS", "30"))  # x 24 requests x 5 kinds
 
 
 def _paths(tree, r):
@@ -55,7 +59,7 @@ def _logits(gen, R, D, V, kind):
 @pytest.mark.parametrize("kind", ["gauss", "ties", "same_rows", "masked", "certain"])
 def test_matches_reference_heap(kind, device):
     gen = torch.Generator().manual_seed(hash(kind) % 1000)
-    for trial in range(30):
+    for trial in range(TRIALS):
         R = 24
         D = int(torch.randint(1, 7, (1,), generator=gen))
         V = int(torch.randint(1, 12, (1,), generator=gen))

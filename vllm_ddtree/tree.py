@@ -15,9 +15,12 @@ Tie rule (the reference's, kept exactly): equal scores are ordered by the rank t
 lexicographically, a prefix before its extensions; ranks follow ``torch.topk``'s order, so tokens with
 equal logits rank as topk returns them. Scores are accumulated in float32 as ``parent + logp`` (the
 reference's sibling update ``w - lp[r] + lp[r+1]`` is the same sum rewritten; it is NaN for ``-inf``
-log-probs and rounds differently, so equality is defined on the direct sum). ``-0.0`` counts as ``0``;
-``-inf`` log-probs (masked vocabulary) are ordinary, worst-possible scores, still selectable; a
-depth whose logits are all ``-inf`` gives ``-inf`` log-probs rather than NaN.
+log-probs and rounds differently, so equality is defined on the direct sum). ``-0.0`` counts as ``0``.
+
+One deliberate difference: a node the drafter gives probability 0 (a ``-inf`` score: masked
+vocabulary, or a depth whose logits are all ``-inf``) is never drafted. The reference fills a budget
+larger than the number of possible nodes with such nodes, in lexicographic order; they cost verify
+compute for tokens the drafter rules out. So ``num_nodes`` can be below the budget.
 
 How, without a heap: keep per depth the best B candidates out of (best B of the previous depth) x
 (top K tokens), then take the global best B over all depths. A depth-d node among the best B of its
@@ -35,6 +38,7 @@ bonus token). Unused slots hold token -1, parent 0, depth 1 and score -inf: no t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -141,41 +145,41 @@ def build_tree_from_topk(
     if B * K > _TIE_MAX or D * B > _TIE_MAX:
         raise ValueError(f"budget {B} too large for the packed selection keys")
 
-    # Beams, one per depth, each in lexicographic order of the nodes' rank tuples.
-    beam_score, beam_valid, beam_parent, beam_rank = [], [], [], []
+    # Beams, one per depth, best first. `lexrank` is each entry's position in the lexicographic order
+    # of its beam's rank tuples: the tie-break of candidates and the key to the preorder below.
+    beam_score, beam_valid, beam_parent, beam_rank, beam_lexrank, beam_lexorder = [], [], [], [], [], []
     score = torch.zeros(R, 1, dtype=torch.float32, device=dev)
     valid = torch.ones(R, 1, dtype=torch.bool, device=dev)
+    lexrank = torch.zeros(R, 1, dtype=torch.int64, device=dev)
     for d in range(D):
-        # Candidates: every kept node of depth d-1 (the root at d = 0) times the depth's top-K tokens.
-        cand_score = (score.unsqueeze(2) + logp[:, d].unsqueeze(1)).flatten(1)
-        cand_valid = valid.unsqueeze(2).expand(-1, -1, K).flatten(1)
-        lex = torch.arange(cand_score.shape[1], device=dev)  # parent lex position * K + rank
-        key = _pack_key(cand_valid, cand_score, lex.expand(R, -1))
-        n_keep = min(B, cand_score.shape[1])
-        best = key.topk(n_keep, dim=1).indices
-        # Back to lexicographic order; invalid entries last.
-        best_valid = cand_valid.gather(1, best)
-        best, _ = torch.where(best_valid, best, best + cand_score.shape[1]).sort(dim=1)
-        best = best % cand_score.shape[1]
-        valid = cand_valid.gather(1, best)
-        score = cand_score.gather(1, best)
-        beam_score.append(_pad(score, B, float("-inf")))
-        beam_valid.append(_pad(valid, B, False))
-        beam_parent.append(_pad(best // K, B, 0))
-        beam_rank.append(_pad(best % K, B, 0))
-        score, valid = beam_score[-1], beam_valid[-1]
+        parent, rank = _candidate_grid(score.shape[1], K, B, dev)
+        cand_score = score[:, parent] + logp[:, d, rank]
+        cand_valid = valid[:, parent] & (cand_score > float("-inf"))  # probability 0: never drafted
+        tie = lexrank[:, parent] * K + rank
+        best = _pack_key(cand_valid, cand_score, tie).topk(min(B, parent.shape[0]), dim=1).indices
+        score, valid = cand_score.gather(1, best), cand_valid.gather(1, best)
+        lexrank, lexorder = _ranks(torch.where(valid, tie.gather(1, best), _TIE_MAX))
+        beam_score.append(score := _pad(score, B, float("-inf")))
+        beam_valid.append(valid := _pad(valid, B, False))
+        beam_parent.append(_pad(parent[best], B, 0))
+        beam_rank.append(_pad(rank[best], B, 0))
+        beam_lexrank.append(lexrank := _pad_positions(lexrank, B))
+        beam_lexorder.append(_pad_positions(lexorder, B))
 
-    # Preorder index of every kept node in the kept forest = its lexicographic rank among them.
+    def lex_exclusive_cumsum(x, d):  # sum of x over the entries of beam d that precede each entry
+        return _exclusive_cumsum(x.gather(1, beam_lexorder[d])).gather(1, beam_lexrank[d])
+
+    # Preorder index of every kept node in the kept forest = its lexicographic rank among all of them:
+    # a node comes after its parent and after the subtrees of its parent's earlier nodes.
     sizes = [v.long() for v in beam_valid]
     for d in range(D - 1, 0, -1):
-        # Invalid entries have size 0 and point at position 0, so they add nothing.
+        # Invalid entries have size 0 and point at entry 0, so they add nothing.
         sizes[d - 1] = sizes[d - 1] + torch.zeros_like(sizes[d - 1]).scatter_add_(1, beam_parent[d], sizes[d])
-    preorder = [_exclusive_cumsum(sizes[0])]
+    preorder = [lex_exclusive_cumsum(sizes[0], 0)]
     for d in range(1, D):
-        before_parent = _exclusive_cumsum(sizes[d - 1] - beam_valid[d - 1].long())
-        pre = (preorder[d - 1].gather(1, beam_parent[d]) + 1 + _exclusive_cumsum(sizes[d])
-               - before_parent.gather(1, beam_parent[d]))
-        preorder.append(pre)
+        before_parent = lex_exclusive_cumsum(sizes[d - 1] - beam_valid[d - 1].long(), d - 1)
+        preorder.append(preorder[d - 1].gather(1, beam_parent[d]) + 1 + lex_exclusive_cumsum(sizes[d], d)
+                        - before_parent.gather(1, beam_parent[d]))
 
     all_score = torch.cat(beam_score, 1)  # [R, D*B], kept node u = d*B + position
     all_valid = torch.cat(beam_valid, 1)
@@ -207,6 +211,32 @@ def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> to
     bits = (score + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
     ordered = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # monotone in the float value
     return valid.long() * _VALID_BIT + (ordered << _TIE_BITS) + (_TIE_MAX - tie)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_grid(parents: int, k: int, budget: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parent entry, rank) pairs that can reach a beam of ``budget``, as two ``[C]`` index tensors.
+
+    Parents are in selection order and ranks sorted, so candidate (t, r) is preceded by every (t', r')
+    with t' <= t, r' <= r: it can only be among the best ``budget`` if (t+1)(r+1) <= budget. That keeps
+    about B ln B of the B x K pairs. Built once per shape, outside any CUDA graph capture.
+    """
+    pairs = [(t, r) for t in range(parents) for r in range(k) if (t + 1) * (r + 1) <= budget]
+    grid = torch.tensor(pairs, dtype=torch.int64, device=device)
+    return grid[:, 0].contiguous(), grid[:, 1].contiguous()
+
+
+def _ranks(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of each entry in ascending ``key`` order, the entry at each rank), per row."""
+    order = key.argsort(dim=1, stable=True)
+    positions = torch.arange(key.shape[1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions), order
+
+
+def _pad_positions(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Pads a per-row permutation of 0..n-1 to one of 0..width-1 (padding ranks after every entry)."""
+    extra = torch.arange(x.shape[1], width, device=x.device).expand(x.shape[0], -1)
+    return torch.cat([x, extra], 1)
 
 
 def _pad(x: torch.Tensor, width: int, value) -> torch.Tensor:
