@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from reference_heap import reference_tree  # noqa: E402
 
-from vllm_ddtree.kv_commit import commit_accepted_kv, plan_commit, token_major_view  # noqa: E402
+from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit  # noqa: E402
 from vllm_ddtree.tree import build_tree_from_topk, draft_topk  # noqa: E402
 from vllm_ddtree.verify import walk_tree  # noqa: E402
 
@@ -114,7 +114,7 @@ def main():
             roots = torch.randint(0, 1024, (R,), generator=gen).to(device)
             caches = [torch.randn(R * blocks_per_req, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=device).to(dtype)
                       for _ in range(LAYERS)]
-            views = [token_major_view(c, "vllm") for c in caches]
+            views = [view for c in caches for view in paged_kv_views(c, "vllm")]
 
             def commit():
                 commit_accepted_kv(views, plan_commit(block_table, BLOCK_SIZE, roots, accepted))

@@ -4,22 +4,16 @@ import pytest
 import torch
 
 from vllm_ddtree.kv_commit import (commit_accepted_kv, commit_accepted_kv_reference, commit_accepted_rows,
-                                   plan_commit, token_major_view)
+                                   paged_kv_views, plan_commit)
 from vllm_ddtree.tree import build_tree
 
 
 def _cache(layout, blocks, block_size, heads, head_dim, dtype, gen):
-    shape = {"flash_attn": (2, blocks, block_size, heads, head_dim),
-             "vllm": (blocks, heads, block_size, 2 * head_dim),
-             "cpu": (blocks, heads, block_size, 2 * head_dim)}[layout]
-    x = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "flash_attn":
+        return torch.randn(2, blocks, block_size, heads, head_dim, generator=gen).to(dtype)
     if layout == "vllm":  # vLLM's GPU backends get a strided per-layer view: physically [B, N, H, C]
-        x = torch.randn(blocks, block_size, heads, 2 * head_dim, generator=gen).to(dtype).transpose(1, 2)
-    return x
-
-
-def _token_content(view, block_table, block_size, r, pos):
-    return view[block_table[r, pos // block_size], pos % block_size].clone()
+        return torch.randn(blocks, block_size, heads, 2 * head_dim, generator=gen).to(dtype).transpose(1, 2)
+    return torch.randn(blocks, heads, block_size, 2 * head_dim, generator=gen).to(dtype)
 
 
 def _random_paths(gen, R, depth, budget):
@@ -51,26 +45,44 @@ def test_commit_matches_naive_and_kernel(layout, dtype, block_size, device):
     accepted = _random_paths(gen, R, depth, budget)
     layers = [_cache(layout, R * blocks_per_req, block_size, heads, head_dim, dtype, gen) for _ in range(2)]
 
-    # Naive expectation, token by token.
+    # Naive expectation, token by token, on plain [token, ...] copies of each request's keys and values.
     expected = []
     for cache in layers:
-        view = token_major_view(cache.clone(), layout)
-        before = [[_token_content(view, block_table, block_size, r, int(roots[r]) + i) for i in range(budget + 1)]
-                  for r in range(R)]
-        for r in range(R):
-            for j, node in enumerate(accepted[r].tolist()):
-                if node >= 0:
-                    pos = int(roots[r]) + j
-                    view[block_table[r, pos // block_size], pos % block_size] = before[r][node]
-        expected.append(view)
+        views = [v.clone() for v in paged_kv_views(cache, layout)]
+        for view in views:
+            before = [[view[block_table[r, (int(roots[r]) + i) // block_size], (int(roots[r]) + i) % block_size].clone()
+                       for i in range(budget + 1)] for r in range(R)]
+            for r in range(R):
+                for j, node in enumerate(accepted[r].tolist()):
+                    if node >= 0:
+                        pos = int(roots[r]) + j
+                        view[block_table[r, pos // block_size], pos % block_size] = before[r][node]
+        expected.append(views)
 
     plan = plan_commit(block_table.to(device), block_size, roots.to(device), accepted.to(device))
     assert not plan.moves[0].any()  # a contiguous path moves nothing
     for use_triton in (False, True):
         caches = [c.clone().to(device) for c in layers]
-        commit_accepted_kv([token_major_view(c, layout) for c in caches], plan, use_triton=use_triton)
+        commit_accepted_kv([v for c in caches for v in paged_kv_views(c, layout)], plan, use_triton=use_triton)
         for got, want in zip(caches, expected):
-            assert torch.equal(token_major_view(got, layout).cpu(), want), f"use_triton={use_triton}"
+            for got_view, want_view in zip(paged_kv_views(got, layout), want):
+                assert torch.equal(got_view.cpu(), want_view), f"use_triton={use_triton}"
+
+
+def test_cpu_layout_is_what_vllm_cpu_writes():
+    # The "cpu" views must read back exactly what vLLM's CPU backend stores (ISAs vec and vec16).
+    ops = pytest.importorskip("vllm._custom_ops")
+    for isa, block_size, head_dim in [("vec", 32, 64), ("vec16", 16, 32), ("vec", 64, 32)]:
+        blocks, heads = 3, 2
+        T = blocks * block_size - 5
+        cache = torch.zeros(blocks, heads, block_size, 2 * head_dim)
+        key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+        keys, values = torch.randn(T, heads, head_dim), torch.randn(T, heads, head_dim)
+        slots = torch.randperm(blocks * block_size)[:T]
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+        key_view, value_view = paged_kv_views(cache, "cpu")
+        assert torch.equal(key_view[slots // block_size, slots % block_size], keys), isa
+        assert torch.equal(value_view[slots // block_size, slots % block_size], values), isa
 
 
 def test_overlapping_path_reads_before_writes(device):
@@ -80,11 +92,12 @@ def test_overlapping_path_reads_before_writes(device):
     plan = plan_commit(torch.tensor([[3, 1, 0, 2, 4, 5, 6, 7]]), 4, torch.tensor([2]), accepted)
     for use_triton in (False, True):
         c = cache.clone().to(device)
-        view = token_major_view(c, "flash_attn")
-        before = [view[plan.src_block[0, j], plan.src_offset[0, j]].clone() for j in range(3)]
-        commit_accepted_kv([view], plan, use_triton=use_triton)
-        for j in range(3):
-            assert torch.equal(view[plan.dst_block[0, j], plan.dst_offset[0, j]], before[j])
+        views = list(paged_kv_views(c, "flash_attn"))
+        before = [[v[plan.src_block[0, j], plan.src_offset[0, j]].clone() for j in range(3)] for v in views]
+        commit_accepted_kv(views, plan, use_triton=use_triton)
+        for v, b in zip(views, before):
+            for j in range(3):
+                assert torch.equal(v[plan.dst_block[0, j], plan.dst_offset[0, j]], b[j])
 
 
 def test_commit_rows_for_drafter_hidden_states():
@@ -102,13 +115,14 @@ def test_commit_rows_for_drafter_hidden_states():
 
 def test_unknown_layout():
     with pytest.raises(ValueError, match="unknown KV cache layout 'nhd'"):
-        token_major_view(torch.zeros(1), "nhd")
+        paged_kv_views(torch.zeros(1), "nhd")
 
 
 def test_reference_is_what_the_dispatcher_runs_on_cpu():
     cache = torch.randn(2, 4, 4, 1, 2)
     plan = plan_commit(torch.tensor([[0, 1, 2, 3]]), 4, torch.tensor([0]), torch.tensor([[0, 3, -1]]))
     a, b = cache.clone(), cache.clone()
-    commit_accepted_kv([token_major_view(a, "flash_attn")], plan)
-    commit_accepted_kv_reference(token_major_view(b, "flash_attn"), plan)
+    commit_accepted_kv(list(paged_kv_views(a, "flash_attn")), plan)
+    for view in paged_kv_views(b, "flash_attn"):
+        commit_accepted_kv_reference(view, plan)
     assert torch.equal(a, b) and not torch.equal(a, cache)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vllm_ddtree.tree import build_tree, pack_bits
-from vllm_ddtree.tree_attention import (TreeAttentionMetadata, split_kv_cache, tree_attention,
+from vllm_ddtree.kv_commit import paged_kv_views
+from vllm_ddtree.tree_attention import (TreeAttentionMetadata, tree_attention,
                                         tree_attention_reference, visibility_mask)
 
 
@@ -36,7 +37,7 @@ def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout,
             assert q_len == budget + 1
             tree_bits[r] = _tree_bits(kind.split(":")[1], budget, gen)
             tree_rows[r] = budget + 1
-    shape = {"vllm": (num_blocks, kv_heads, page, 2 * head_dim),
+    shape = {"vllm": (num_blocks, kv_heads, page, 2 * head_dim), "cpu": (num_blocks, kv_heads, page, 2 * head_dim),
              "flash_attn": (2, num_blocks, page, kv_heads, head_dim)}[layout]
     kv_cache = (torch.randn(shape, generator=gen) * 2).to(dtype)
     query = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
@@ -45,7 +46,7 @@ def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=block_table.to(torch.int32), tree_bits=tree_bits, tree_rows=tree_rows)
     meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values()])
-    keys, values = split_kv_cache(kv_cache.to(device), layout)
+    keys, values = paged_kv_views(kv_cache.to(device), layout)
     return query.to(device), keys, values, meta
 
 
@@ -65,7 +66,7 @@ def test_kernel_matches_reference_mixed_batch(dtype, group, page, device):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("layout", ["vllm", "flash_attn"])
+@pytest.mark.parametrize("layout", ["vllm", "flash_attn", "cpu"])
 def test_head_dims_and_layouts(head_dim, layout, device):
     gen = torch.Generator().manual_seed(head_dim)
     requests = [("tree:deep", 20, 9), ("prefill", 3, 5), ("decode", 17, 1)]

@@ -4,7 +4,7 @@ The target wrote the B+1 tree rows at sequential storage positions ``root + 0 ..
 the root, already committed). The scheduler then keeps the first ``k+1`` of them (k accepted nodes),
 so the accepted path's rows ``root + a_1 .. root + a_k`` must be moved to ``root + 1 .. root + k``.
 
-In:  per-layer paged caches (as token-major views, see :func:`token_major_view`), the block table
+In:  per-layer paged caches (as token-major views, see :func:`paged_kv_views`), the block table
      ``[R, max_blocks]``, the root's storage position ``[R]`` and ``accepted_nodes [R, D+1]`` from
      :mod:`vllm_ddtree.verify` (root first, -1 after the path).
 Out: the caches, changed in place. :func:`commit_accepted_rows` applies the same permutation to
@@ -23,25 +23,30 @@ from dataclasses import dataclass
 
 import torch
 
-# The layouts the commit can address; each names how a layer's cache tensor maps to token slots.
+# The layouts the commit can address; each names how a layer's cache tensor holds a token's K and V.
 #   "flash_attn": [2, num_blocks, block_size, kv_heads, head_dim] (FlashAttention's classic layout)
 #   "vllm":       [num_blocks, kv_heads, block_size, 2 * head_dim], the per-layer logical view vLLM
 #                 0.32+ hands to its GPU backends, K and V side by side in the last dim (any strides)
-#   "cpu":        the same shape, as vLLM's CPU backend uses its bytes: [num_blocks, kv_heads,
-#                 2, block_size, head_dim] (keys of a block, then its values)
+#   "cpu":        the same shape, as vLLM's CPU backend fills its bytes (ISAs "vec" and "vec16"): per
+#                 block and head, the keys transposed [head_dim, block_size], then the values
+#                 [block_size, head_dim]. (Its "amx" ISA packs bf16 pairs and is not addressable.)
 LAYOUTS = ("flash_attn", "vllm", "cpu")
 
 
-def token_major_view(kv_cache: torch.Tensor, layout: str) -> torch.Tensor:
-    """A view ``[num_blocks, block_size, ...]`` of one layer's cache: index 0/1 pick a token slot."""
+def paged_kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cache -> (keys, values), views ``[num_blocks, block_size, kv_heads, head_dim]``."""
     if layout == "flash_attn":
-        return kv_cache.movedim(0, 2)  # [blocks, block_size, 2, heads, head_dim]
+        return kv_cache[0], kv_cache[1]
     if layout == "vllm":
-        return kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2 * head_dim]
+        head_dim = kv_cache.shape[-1] // 2
+        view = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2 * head_dim]
+        return view[..., :head_dim], view[..., head_dim:]
     if layout == "cpu":
         blocks, heads, block_size, content = kv_cache.shape
-        split = kv_cache.view(blocks, heads, 2, block_size, content // 2)
-        return split.permute(0, 3, 1, 2, 4)  # [blocks, block_size, heads, 2, head_dim]
+        head_dim = content // 2
+        keys = kv_cache.view(blocks, heads, 2, head_dim, block_size)[:, :, 0].permute(0, 3, 1, 2)
+        values = kv_cache.view(blocks, heads, 2, block_size, head_dim)[:, :, 1].permute(0, 2, 1, 3)
+        return keys, values
     raise ValueError(f"unknown KV cache layout {layout!r}; known: {', '.join(LAYOUTS)}")
 
 
@@ -75,7 +80,8 @@ def plan_commit(block_table: torch.Tensor, block_size: int, root_positions: torc
 
 
 def commit_accepted_kv(token_views: list[torch.Tensor], plan: CommitPlan, use_triton: bool | None = None) -> None:
-    """Applies ``plan`` to every layer's token-major cache view, in place.
+    """Applies ``plan`` in place to token-major views ``[num_blocks, block_size, ...]`` (every layer's
+    keys and values, from :func:`paged_kv_views`).
 
     ``use_triton`` defaults to the Triton kernel on GPU tensors and the torch reference elsewhere.
     """

@@ -2,8 +2,9 @@
 
 In:  queries ``[T, Hq, head_dim]`` of a mixed batch (prefill, decode and tree rows, flattened request
      by request), one layer's paged keys and values as ``[num_blocks, block_size, Hkv, head_dim]``
-     views (see :func:`split_kv_cache`), and :class:`TreeAttentionMetadata` (built once per step, shared
+     views, and :class:`TreeAttentionMetadata` (built once per step, shared
      by every layer). The step's own K/V are already in the cache, as in vLLM.
+     (:func:`vllm_ddtree.kv_commit.paged_kv_views` gives the views for vLLM's layouts.)
 Out: ``[T, Hq, head_dim]`` attention outputs.
 
 Which keys a query row sees: every key of its request's committed context (positions below
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_ddtree.kv_commit import token_major_view
 from vllm_ddtree.tree import unpack_bits
 
 
@@ -43,17 +43,6 @@ class TreeAttentionMetadata:
     block_table: torch.Tensor
     tree_bits: torch.Tensor
     tree_rows: torch.Tensor
-
-
-def split_kv_cache(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's cache -> (keys, values), each a ``[num_blocks, block_size, Hkv, head_dim]`` view."""
-    view = token_major_view(kv_cache, layout)
-    if layout == "flash_attn":  # [blocks, block_size, 2, heads, head_dim]
-        return view[:, :, 0], view[:, :, 1]
-    if layout == "cpu":  # [blocks, block_size, heads, 2, head_dim]
-        return view[..., 0, :], view[..., 1, :]
-    head_dim = view.shape[-1] // 2  # "vllm": [blocks, block_size, heads, 2 * head_dim]
-    return view[..., :head_dim], view[..., head_dim:]
 
 
 def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
