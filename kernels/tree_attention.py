@@ -41,8 +41,8 @@ def tree_attention_kernel(
     num_requests,
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
-    stride_k_block, stride_k_slot, stride_k_head,
-    stride_v_block, stride_v_slot, stride_v_head,
+    stride_k_block, stride_k_slot, stride_k_head, stride_k_dim,
+    stride_v_block, stride_v_slot, stride_v_head, stride_v_dim,
     stride_bt,
     TREE_ROWS: tl.constexpr, WORDS: tl.constexpr,
     GROUP: tl.constexpr,           # query heads per KV head
@@ -92,7 +92,8 @@ def tree_attention_kernel(
         block = tl.load(block_table_ptr + req * stride_bt + start // PAGE)
         key = start + n
         key_ok = key < key_end
-        k = tl.load(k_ptr + block * stride_k_block + n[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None],
+        k = tl.load(k_ptr + block * stride_k_block + n[None, :] * stride_k_slot + kv_head * stride_k_head
+                    + d[:, None] * stride_k_dim,
                     mask=key_ok[None, :] & d_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
         s = tl.dot(q, k, out_dtype=tl.float32) * scale
         if start + PAGE > context:  # only pages that hold this step's rows need the mask
@@ -113,7 +114,8 @@ def tree_attention_kernel(
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + block * stride_v_block + n[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :],
+        v = tl.load(v_ptr + block * stride_v_block + n[:, None] * stride_v_slot + kv_head * stride_v_head
+                    + d[None, :] * stride_v_dim,
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, out_dtype=tl.float32)
         m_i = m_new

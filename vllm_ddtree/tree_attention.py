@@ -60,8 +60,8 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         raise ValueError(f"{num_heads} query heads do not group over {kv_heads} KV heads")
     if page < 16 or page & (page - 1):
         raise ValueError(f"KV block size {page} is not supported: use a power of two >= 16")
-    if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
-        raise ValueError("query, keys and values need a contiguous head dimension")
+    if query.stride(2) != 1:
+        raise ValueError("query needs a contiguous head dimension")
     group = num_heads // kv_heads
     if out is None:
         out = torch.empty_like(query)
@@ -80,8 +80,7 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         meta.query_start_loc, meta.seq_lens, meta.block_table, meta.tree_bits, meta.tree_rows,
         scale, R,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        *key_cache.stride(), *value_cache.stride(),
         meta.block_table.stride(0),
         TREE_ROWS=meta.tree_bits.shape[1], WORDS=meta.tree_bits.shape[2],
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
