@@ -1,10 +1,32 @@
 """vLLM entry point (``vllm.general_plugins``), loaded by vLLM in every process it starts.
 
-The vLLM adapter that makes ``method: "ddtree"`` valid is not written yet; until it lands, registering
-does nothing, so installing the package next to vLLM changes nothing.
+:func:`register` makes ``speculative_config={"method": "ddtree", ...}`` valid and hooks vLLM's V1 model
+runner, DFlash proposer and CPU attention for ddtree engines; engines with any other method are not
+touched. It first checks that every vLLM internal it needs exists and patches nothing unless all do.
 """
+
+from __future__ import annotations
+
+import logging
+
+SUPPORTED_VLLM = (">=0.32", "<0.34")
+
+logger = logging.getLogger("vllm_ddtree")
 
 
 def register() -> None:
-    """Called by vLLM's ``load_general_plugins``; a no-op until the adapter exists."""
-    return None
+    """Called by vLLM's ``load_general_plugins`` in each process; idempotent."""
+    try:
+        import vllm
+    except ImportError:  # the core is usable without vLLM
+        return
+    from vllm_ddtree.adapter import config, cpu_attention, proposer_slot
+
+    missing = [what for module in (config, cpu_attention, proposer_slot)
+               for what, present in module.required_internals() if not present]
+    if missing:
+        raise RuntimeError(f"vllm-ddtree supports vLLM {','.join(SUPPORTED_VLLM)}; this vLLM {vllm.__version__} "
+                           f"lacks: {'; '.join(missing)}")
+    config.apply()
+    proposer_slot.apply()
+    cpu_attention.apply()

@@ -1,0 +1,138 @@
+"""method "ddtree" end to end in vLLM (CPU build, in-process engine, V1 runner), on real checkpoints.
+
+The target is a tiny random Qwen3 and the drafter a tiny random DFlash model (tests/tiny_models.py),
+both written as safetensors. Its LM head concentrates the target on ten tokens that the drafter also
+proposes, so at budgets >= 10 every step accepts a node, usually one deep in the flattened tree: the
+KV commit, the tree positions and the tree mask all matter for the output to stay identical.
+"""
+
+import gc
+import os
+
+import pytest
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: fast start, one place to fail
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+vllm = pytest.importorskip("vllm")
+from tiny_models import write_dflash_drafter, write_target  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+PROMPTS = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a", "beta beta gamma the",
+           "of of", "token", "commit the draft of a tree and verify the token alpha beta gamma delta"]
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
+
+
+def generate(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
+    """Token ids per prompt (per sample for n > 1), and the spec-decode counters."""
+    target, drafter = models
+    if spec is not None:
+        spec = {"model": drafter, **spec}
+    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
+              enforce_eager=True, disable_log_stats=False, speculative_config=spec, **engine)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        tokens = [[list(c.token_ids) for c in o.outputs] for o in outputs]
+        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
+        return tokens, counters
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return generate(models)[0]
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16, 64])
+def test_greedy_equals_no_speculation(models, reference, budget):
+    tokens, counters = generate(models, spec={"method": "ddtree", "num_speculative_tokens": budget})
+    assert tokens == reference
+    drafts = counters["vllm:spec_decode_num_drafts"]
+    assert drafts > 0 and counters["vllm:spec_decode_num_draft_tokens"] == drafts * budget
+    if budget >= 16:  # the ten likely tokens all sit at depth 1: every step accepts a node
+        assert (counters["vllm:spec_decode_num_accepted_tokens"] or 0) >= 0.9 * drafts
+
+
+def test_greedy_equals_dflash_chain(models, reference):
+    chain, _ = generate(models, spec={"method": "dflash", "num_speculative_tokens": 7})
+    tree, _ = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 32})
+    assert chain == tree == reference
+
+
+def test_scheduler_features(models, reference):
+    # Prefix caching, chunked prefill with a tiny token budget, and max_tokens that end mid-path.
+    tokens, _ = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16},
+                         enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=64,
+                         max_num_seqs=3)
+    assert tokens == reference
+    short = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    tokens, _ = generate(models, params=short, spec={"method": "ddtree", "num_speculative_tokens": 16})
+    assert tokens == [[seq[0][:7]] for seq in reference]
+
+
+def test_stop_tokens(models, reference):
+    stop_token = reference[0][0][5]
+    params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token])
+    plain, _ = generate(models, params=params)
+    tree, _ = generate(models, params=params, spec={"method": "ddtree", "num_speculative_tokens": 16})
+    assert tree == plain
+    assert tree[0][0][-1] == stop_token and len(tree[0][0]) <= 6
+
+
+def test_n_samples(models):
+    # n > 1 needs sampling: two samples per prompt through the tree verifier, reproducible per seed.
+    params = SamplingParams(temperature=0.8, n=2, max_tokens=24, ignore_eos=True, seed=7)
+    spec = {"method": "ddtree", "num_speculative_tokens": 16}
+    first, _ = generate(models, params=params, spec=spec)
+    assert all(len(prompt) == 2 and all(len(sample) == 24 for sample in prompt) for prompt in first)
+    assert generate(models, params=params, spec=spec)[0] == first
+
+
+def test_seeded_sampling_is_reproducible(models):
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s)
+              for s in range(len(PROMPTS))]
+    spec = {"method": "ddtree", "num_speculative_tokens": 16}
+    first, _ = generate(models, params=params, spec=spec)
+    second, _ = generate(models, params=params, spec=spec)
+    assert first == second
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"method": "ddtree"}, "needs \"num_speculative_tokens\""),
+    ({"method": "ddtree", "num_speculative_tokens": 5000}, r"must be an integer in 1..1024, got 5000"),
+    ({"method": "ddtree", "num_speculative_tokens": 8, "tree_width": 3}, "Unexpected keyword argument"),
+])
+def test_bad_config_is_refused_before_start(models, spec, message):
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(Exception, match=message):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512,
+                   speculative_config={"model": models[1], **spec}).create_engine_config()
+
+
+def test_non_dflash_drafter_is_refused(models):
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(Exception, match=r"needs a DFlash drafter .* architectures \['Qwen3ForCausalLM'\]"):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512,
+                   speculative_config={"method": "ddtree", "model": models[0],
+                                       "num_speculative_tokens": 8}).create_engine_config()
+
+
+def test_drafter_with_foreign_layer_ids_is_refused(models, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    # A speculators-format drafter numbers target layers one higher: 4 is past this 4-layer target.
+    bad = write_dflash_drafter(str(tmp_path / "speculators"), target_layer_ids=(1, 4))
+    with pytest.raises(Exception, match=r"target_layer_ids \[1, 4\] must name layers .* subtract 1"):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512,
+                   speculative_config={"method": "ddtree", "model": bad,
+                                       "num_speculative_tokens": 8}).create_engine_config()

@@ -1,0 +1,103 @@
+"""``method: "ddtree"`` in vLLM's ``SpeculativeConfig``.
+
+vLLM's method field is a closed ``Literal`` and every DFlash code path keys on ``method == "dflash"``.
+A ddtree config is therefore built as a dflash config (same drafter loading, aux hidden states, draft
+KV cache) and marked with plain instance attributes: ``ddtree`` (True), ``ddtree_budget`` (B, the
+``num_speculative_tokens`` the user gave) and ``ddtree_depth`` (D = drafter block size - 1). Plain
+attributes survive the pickling that ships configs to the engine and worker processes, and no class of
+ours has to be importable there before the plugin loads.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from vllm_ddtree.adapter.options import check_budget, drafter_depth
+
+METHOD = "ddtree"
+
+
+def is_ddtree(speculative_config) -> bool:
+    return bool(speculative_config is not None and speculative_config.__dict__.get("ddtree", False))
+
+
+def required_internals():
+    """(what, present?) for every vLLM internal this module patches."""
+    from vllm.config import speculative
+
+    cls = speculative.SpeculativeConfig
+    return [
+        ("vllm.config.speculative.SpeculativeConfig.__post_init__", hasattr(cls, "__post_init__")),
+        ("SpeculativeConfig field 'method'", "method" in getattr(cls, "__dataclass_fields__", {})),
+        ("'dflash' in the method Literal", "dflash" in _literal_values(getattr(speculative, "SpeculativeMethod", None))),
+    ]
+
+
+def apply() -> None:
+    from pydantic.dataclasses import rebuild_dataclass
+    from vllm.config import speculative
+
+    cls = speculative.SpeculativeConfig
+    if getattr(cls, "_ddtree_patched", False):
+        return
+    widened = typing.Optional[typing.Literal[tuple(_literal_values(speculative.SpeculativeMethod)) + (METHOD,)]]
+    cls.__annotations__["method"] = widened
+    cls.__dataclass_fields__["method"].type = widened
+    original = cls.__post_init__
+
+    def __post_init__(self):
+        if self.method != METHOD:
+            return original(self)
+        budget = check_budget(self.num_speculative_tokens)
+        _precheck_local_drafter(self.model)
+        self.method = "dflash"
+        original(self)
+        target = self.target_model_config
+        depth = drafter_depth(self.draft_model_config.hf_config, target.get_total_num_hidden_layers(),
+                              target.get_hidden_size(), target.get_vocab_size())
+        _refuse_unsupported_target(target)
+        self.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
+
+    cls.__post_init__ = __post_init__
+    rebuild_dataclass(cls, force=True)
+    cls._ddtree_patched = True
+
+
+def _precheck_local_drafter(model) -> None:
+    """Refuses a local non-DFlash checkpoint before vLLM tries (and fails obscurely) to load it as one."""
+    import json
+    import os
+
+    path = os.path.join(model, "config.json") if isinstance(model, str) else None
+    if path is None or not os.path.isfile(path):
+        if model is None:
+            raise ValueError('speculative_config method "ddtree" needs "model": a DFlash drafter checkpoint')
+        return
+    with open(path) as f:
+        archs = json.load(f).get("architectures") or []
+    if not any("DFlash" in a for a in archs):
+        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
+                         f'architectures ["DFlashDraftModel"]); {model} has architectures {archs}')
+
+
+def _refuse_unsupported_target(target) -> None:
+    hf = target.hf_text_config
+    if getattr(target, "uses_mrope", False):
+        raise ValueError('speculative_config method "ddtree" does not support M-RoPE targets: tree nodes need '
+                         "one position each (prefix + depth)")
+    layer_types = getattr(hf, "layer_types", None) or []
+    if getattr(target, "is_hybrid", False) or any(t not in ("full_attention", "attention") for t in layer_types):
+        raise ValueError('speculative_config method "ddtree" does not support hybrid (Mamba/GDN/sliding-window) '
+                         "targets: their recurrent state or window cannot branch over a tree")
+    if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
+        raise ValueError('speculative_config method "ddtree" does not support sliding-window attention targets')
+
+
+def _literal_values(tp) -> tuple:
+    """All strings of a (possibly nested) Literal / Union of Literals."""
+    if tp is None:
+        return ()
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return tuple(a for a in args if isinstance(a, str))
+    return tuple(v for a in args for v in _literal_values(a))

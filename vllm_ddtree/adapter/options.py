@@ -1,0 +1,46 @@
+"""DDTree's speculative-config options and their checks, free of vLLM imports."""
+
+from __future__ import annotations
+
+# The tree budget B is `num_speculative_tokens`: the draft tokens the target verifies per step, as for
+# every vLLM method. Beyond 1024 the (B+1)-row verify pass and the ancestor bitmask stop paying
+# (the paper's best budgets are <= 1024) and the tree build's packed keys run out of bits.
+MAX_BUDGET = 1024
+
+
+def check_budget(budget) -> int:
+    if budget is None:
+        raise ValueError('speculative_config method "ddtree" needs "num_speculative_tokens": the tree '
+                         f"budget B (draft tokens verified per step), an integer in 1..{MAX_BUDGET}, e.g. 32")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET:
+        raise ValueError(f'speculative_config method "ddtree": "num_speculative_tokens" (the tree budget B) '
+                         f"must be an integer in 1..{MAX_BUDGET}, got {budget!r}")
+    return budget
+
+
+def drafter_depth(draft_hf_config, target_num_layers: int, target_hidden: int, target_vocab: int) -> int:
+    """Checks that the draft checkpoint is a DFlash drafter that fits the target; returns D."""
+    archs = list(getattr(draft_hf_config, "architectures", None) or [])
+    if not any("DFlash" in a for a in archs):
+        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
+                         f'architectures ["DFlashDraftModel"]); the draft model has architectures {archs}')
+    block_size = getattr(draft_hf_config, "block_size", None)
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f'the DFlash drafter\'s config needs "block_size" >= 2 (tree depth D = block_size - 1), '
+                         f"got {block_size!r}")
+    dflash = getattr(draft_hf_config, "dflash_config", None) or {}
+    layer_ids = dflash.get("target_layer_ids")
+    if not layer_ids or any(not 0 <= i < target_num_layers for i in layer_ids):
+        raise ValueError(f"the DFlash drafter's dflash_config.target_layer_ids {layer_ids} must name layers of the "
+                         f"{target_num_layers}-layer target (0..{target_num_layers - 1}); a drafter in the "
+                         "speculators format numbers them one higher: subtract 1")
+    if dflash.get("mask_token_id") is None:
+        raise ValueError("the DFlash drafter's dflash_config needs mask_token_id")
+    hidden = getattr(draft_hf_config, "target_hidden_size", None) or getattr(draft_hf_config, "hidden_size", None)
+    if hidden != target_hidden:
+        raise ValueError(f"the DFlash drafter reads target hidden states of size {hidden}, "
+                         f"but the target's hidden size is {target_hidden}")
+    vocab = getattr(draft_hf_config, "vocab_size", None)
+    if vocab != target_vocab:
+        raise ValueError(f"the DFlash drafter's vocabulary ({vocab}) differs from the target's ({target_vocab})")
+    return block_size - 1
