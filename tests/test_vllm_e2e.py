@@ -30,16 +30,17 @@ def models(tmp_path_factory):
 
 
 def generate(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
-    """Token ids per prompt (per sample for n > 1), and the spec-decode counters."""
+    """Token ids per prompt (per sample for n > 1), and the engine's metrics by name."""
     target, drafter = models
     if spec is not None:
         spec = {"model": drafter, **spec}
-    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
-              enforce_eager=True, disable_log_stats=False, speculative_config=spec, **engine)
+    engine = {"max_model_len": 512, **engine}
+    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, seed=0, enforce_eager=True,
+              disable_log_stats=False, speculative_config=spec, **engine)
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         tokens = [[list(c.token_ids) for c in o.outputs] for o in outputs]
-        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
+        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
         return tokens, counters
     finally:
         del llm
@@ -78,6 +79,15 @@ def test_scheduler_features(models, reference):
     assert tokens == [[seq[0][:7]] for seq in reference]
 
 
+def test_preemption(models, reference):
+    # 12 blocks of 32 slots for 8 requests of up to ~90 tokens (+ lookahead): the scheduler must
+    # preempt and recompute, and trees must survive it.
+    tokens, counters = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16},
+                                block_size=32, num_gpu_blocks_override=12, max_model_len=128)
+    assert counters["vllm:num_preemptions"] > 0
+    assert tokens == reference
+
+
 def test_stop_tokens(models, reference):
     stop_token = reference[0][0][5]
     params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token])
@@ -103,6 +113,35 @@ def test_seeded_sampling_is_reproducible(models):
     first, _ = generate(models, params=params, spec=spec)
     second, _ = generate(models, params=params, spec=spec)
     assert first == second
+
+
+def test_sampled_distribution_matches_no_speculation(tmp_path, models):
+    # A flatter target, so that sampling is really random; first three tokens of one prompt over 600
+    # seeds, ddtree against the engine without speculation (chi-square homogeneity on token pairs 2-3,
+    # the ones drafted in the tree), and a control that the test rejects a different temperature.
+    flat = (str(write_target(str(tmp_path / "flat"), head_scale=0.15)), models[1])
+    seeds = range(600)
+
+    def pairs(spec, temperature):
+        params = [SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, seed=s) for s in seeds]
+        tokens, _ = generate(flat, prompts=["alpha beta"] * len(params), params=params, spec=spec)
+        return [tuple(t[0][1:]) for t in tokens]
+
+    spec = {"method": "ddtree", "num_speculative_tokens": 16}
+    plain, tree, colder = pairs(None, 1.0), pairs(spec, 1.0), pairs(spec, 0.6)
+    assert _homogeneity_p(plain, tree) > 1e-3
+    assert _homogeneity_p(plain, colder) < 1e-3
+
+
+def _homogeneity_p(a, b):
+    import numpy as np
+    from scipy.stats import chi2_contingency
+
+    cells = sorted(set(a) | set(b))
+    table = np.array([[a.count(c) for c in cells], [b.count(c) for c in cells]], dtype=float)
+    keep = table.sum(0) >= 10  # pool rare pairs into one cell
+    table = np.column_stack([table[:, keep], table[:, ~keep].sum(1)]) if (~keep).any() else table
+    return chi2_contingency(table[:, table.sum(0) > 0]).pvalue
 
 
 @pytest.mark.parametrize("spec,message", [

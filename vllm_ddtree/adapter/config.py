@@ -49,6 +49,7 @@ def apply() -> None:
         if self.method != METHOD:
             return original(self)
         budget = check_budget(self.num_speculative_tokens)
+        _refuse_unsupported_platform()
         _precheck_local_drafter(self.model)
         self.method = "dflash"
         original(self)
@@ -61,6 +62,15 @@ def apply() -> None:
     cls.__post_init__ = __post_init__
     rebuild_dataclass(cls, force=True)
     cls._ddtree_patched = True
+
+
+def _refuse_unsupported_platform() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ValueError(f'speculative_config method "ddtree" runs on vLLM\'s CPU backend in this release; the '
+                         f"tree-attention hook for {current_platform.device_name!r} attention backends is not "
+                         'wired yet. Use method "dflash" with the same drafter on this platform.')
 
 
 def _precheck_local_drafter(model) -> None:
