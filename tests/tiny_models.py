@@ -41,7 +41,8 @@ def write_tokenizer(folder: str) -> None:
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                   "model_max_length": 4096}, f)
+                   "model_max_length": 4096,
+                   "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"}, f)
 
 
 def _qwen3_config(num_layers: int, **extra) -> dict:
