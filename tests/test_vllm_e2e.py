@@ -17,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 vllm = pytest.importorskip("vllm")
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 PROMPTS = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a", "beta beta gamma the",
            "of of", "token", "commit the draft of a tree and verify the token alpha beta gamma delta"]
@@ -142,6 +143,25 @@ def _homogeneity_p(a, b):
     keep = table.sum(0) >= 10  # pool rare pairs into one cell
     table = np.column_stack([table[:, keep], table[:, ~keep].sum(1)]) if (~keep).any() else table
     return chi2_contingency(table[:, table.sum(0) > 0]).pvalue
+
+
+@pytest.mark.parametrize("params,message", [
+    (SamplingParams(max_tokens=4, logprobs=2), "ddtree does not support logprobs yet"),
+    (SamplingParams(max_tokens=4, repetition_penalty=1.2), "ddtree does not support repetition penalties yet"),
+    (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
+])
+def test_unsupported_request_features_are_refused_on_arrival(models, params, message):
+    target, drafter = models
+    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, enforce_eager=True,
+              speculative_config={"method": "ddtree", "model": drafter, "num_speculative_tokens": 4})
+    try:
+        with pytest.raises(VLLMValidationError, match=message):
+            llm.generate(["alpha"], params, use_tqdm=False)
+        # The engine survives the refusal and keeps serving.
+        assert len(llm.generate(["alpha"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 40
+    finally:
+        del llm
+        gc.collect()
 
 
 @pytest.mark.parametrize("spec,message", [
