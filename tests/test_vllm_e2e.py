@@ -145,6 +145,36 @@ def _homogeneity_p(a, b):
     return chi2_contingency(table[:, table.sum(0) > 0]).pvalue
 
 
+TP_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    target, drafter, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
+              enforce_eager=True, tensor_parallel_size=2,
+              speculative_config={"method": "ddtree", "model": drafter, "num_speculative_tokens": 16})
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    print("TOKENS" + json.dumps([[list(c.token_ids) for c in o.outputs] for o in outputs]))
+"""
+
+
+def test_tensor_parallel_greedy_equals_no_speculation(models, reference, tmp_path):
+    # Two CPU workers, one core each (the CPU build binds one NUMA node per worker by default).
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    run = subprocess.run([sys.executable, str(script), *models, json.dumps(PROMPTS)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
+    assert lines, run.stderr[-3000:]
+    assert json.loads(lines[0][len("TOKENS"):]) == reference
+
+
 @pytest.mark.parametrize("params,message", [
     (SamplingParams(max_tokens=4, logprobs=2), "ddtree does not support logprobs yet"),
     (SamplingParams(max_tokens=4, repetition_penalty=1.2), "ddtree does not support repetition penalties yet"),
