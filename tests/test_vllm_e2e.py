@@ -89,6 +89,30 @@ def test_preemption(models, reference):
     assert tokens == reference
 
 
+def test_logprobs_equal_no_speculation(models):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    target, drafter = models
+
+    def run(spec):
+        llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
+                  enforce_eager=True, speculative_config=spec and {"model": drafter, **spec})
+        try:
+            return [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        finally:
+            del llm
+            gc.collect()
+
+    plain, tree = run(None), run({"method": "ddtree", "num_speculative_tokens": 16})
+    for a, b in zip(plain, tree):
+        assert list(a.token_ids) == list(b.token_ids)
+        assert len(b.logprobs) == len(b.token_ids)
+        for step_a, step_b in zip(a.logprobs, b.logprobs):
+            assert step_a.keys() == step_b.keys()
+            for token in step_a:
+                assert step_b[token].logprob == pytest.approx(step_a[token].logprob, abs=1e-3)
+                assert step_b[token].rank == step_a[token].rank
+
+
 def test_stop_tokens(models, reference):
     stop_token = reference[0][0][5]
     params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token])
@@ -176,7 +200,7 @@ def test_tensor_parallel_greedy_equals_no_speculation(models, reference, tmp_pat
 
 
 @pytest.mark.parametrize("params,message", [
-    (SamplingParams(max_tokens=4, logprobs=2), "ddtree does not support logprobs yet"),
+    (SamplingParams(max_tokens=4, prompt_logprobs=2), "ddtree does not support prompt_logprobs yet"),
     (SamplingParams(max_tokens=4, repetition_penalty=1.2), "ddtree does not support repetition penalties yet"),
     (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
 ])

@@ -13,7 +13,7 @@ _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflas
 def unsupported_feature(params) -> tuple[str, str] | None:
     """(parameter, message) for the first feature of ``params`` that ddtree cannot honour, else None."""
     checks = [
-        ("logprobs", params.logprobs is not None, "logprobs"),
+        ("prompt_logprobs", params.prompt_logprobs is not None, "prompt_logprobs"),
         ("presence_penalty", params.presence_penalty != 0.0, "presence penalties"),
         ("frequency_penalty", params.frequency_penalty != 0.0, "frequency penalties"),
         ("repetition_penalty", params.repetition_penalty != 1.0, "repetition penalties"),

@@ -125,6 +125,10 @@ class TreeVerifier(torch.nn.Module):
         super().__init__()
         self.runner = runner
         self.chain_sampler = chain_sampler  # for vLLM's profiling dummy runs, which have no trees
+        mode = chain_sampler.sampler.logprobs_mode
+        if mode not in ("raw_logprobs", "raw_logits"):
+            raise ValueError(f'speculative method ddtree returns logprobs in the raw modes only; logprobs_mode '
+                             f'{mode!r} is not supported yet: use "raw_logprobs" (the default)')
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         from vllm.v1.outputs import SamplerOutput
@@ -143,7 +147,19 @@ class TreeVerifier(torch.nn.Module):
                               step.root_positions)
         step.accepted_nodes = verdict.accepted_nodes
         self._commit_kv(step, verdict.accepted_nodes)
-        return SamplerOutput(sampled_token_ids=verdict.output_tokens.to(torch.int32), logprobs_tensors=None)
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs = self._logprobs(logits, rows, verdict, sampling_metadata.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=verdict.output_tokens.to(torch.int32), logprobs_tensors=logprobs)
+
+    def _logprobs(self, logits, rows, verdict, max_num_logprobs):
+        """Logprobs of each emitted token at the node the target sampled it from, in vLLM's layout:
+        one row per output slot ``[R * (D+1)]``; slots past the path are dropped by vLLM's parser."""
+        sampler = self.chain_sampler.sampler
+        node_rows = rows.gather(1, verdict.accepted_nodes.clamp(min=0)).flatten()
+        node_logits = logits[node_rows].float()
+        values = node_logits if sampler.logprobs_mode == "raw_logits" else sampler.compute_logprobs(node_logits)
+        return sampler.gather_logprobs(values, max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
     def _commit_kv(self, step, accepted_nodes) -> None:
         caches = self.runner.kv_caches
@@ -172,8 +188,6 @@ def _refuse_unsupported_sampling(meta) -> None:
     if not meta.no_penalties or meta.allowed_token_ids_mask is not None or meta.bad_words_token_ids:
         raise NotImplementedError("ddtree does not apply presence/frequency/repetition penalties, allowed_token_ids "
                                   "or bad_words to tree nodes yet; drop them or use method 'dflash'")
-    if meta.max_num_logprobs is not None:
-        raise NotImplementedError("ddtree does not return logprobs yet; drop 'logprobs' or use method 'dflash'")
 
 
 def install(runner_cls) -> None:
