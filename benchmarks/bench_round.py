@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from harness import print_header, timed  # noqa: E402
 from reference_heap import reference_tree  # noqa: E402
 
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit  # noqa: E402
@@ -32,25 +30,6 @@ from vllm_ddtree.verify import walk_tree  # noqa: E402
 DEPTH = 15
 VOCAB = 151936
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 8, 128, 16
-
-
-def timed(fn, device, repeats):
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def following_target_tokens(tree, gen):
@@ -90,9 +69,7 @@ def main():
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
 
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}"
-          f" ({os.cpu_count()} cores), torch {torch.__version__}, python {platform.python_version()}")
-    print(f"command: {' '.join(sys.argv)}")
+    print_header()
     print(f"D = {DEPTH}, V = {VOCAB}; commit over {LAYERS} layers of {KV_HEADS}x{HEAD_DIM} {dtype}, block {BLOCK_SIZE}")
     print("times per step in microseconds (median); ratio = reference / ours for build+walk+commit\n")
     header = f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'walk':>9} {'commit':>9} {'ours':>9} {'reference':>10} {'ratio':>7}"
@@ -101,12 +78,12 @@ def main():
         logits = (torch.randn(R, DEPTH, VOCAB, generator=gen) * 4).to(device)
         for B in args.budgets:
             k = min(B, VOCAB)
-            t_topk = timed(lambda: draft_topk(logits, k), device, args.repeats)
+            t_topk = timed(lambda: draft_topk(logits, k), args.repeats)
             logp, tokens = draft_topk(logits, k)
             tree = build_tree_from_topk(logp, tokens, B, B)
-            t_build = timed(lambda: build_tree_from_topk(logp, tokens, B, B), device, args.repeats)
+            t_build = timed(lambda: build_tree_from_topk(logp, tokens, B, B), args.repeats)
             target_tokens = following_target_tokens(tree, gen)
-            t_walk = timed(lambda: walk_tree(tree, target_tokens), device, args.repeats)
+            t_walk = timed(lambda: walk_tree(tree, target_tokens), args.repeats)
 
             accepted, _ = walk_tree(tree, target_tokens)
             blocks_per_req = (1024 + B) // BLOCK_SIZE + 2
@@ -119,12 +96,12 @@ def main():
             def commit():
                 commit_accepted_kv(views, plan_commit(block_table, BLOCK_SIZE, roots, accepted))
 
-            t_commit = timed(commit, device, args.repeats)
+            t_commit = timed(commit, args.repeats)
             ours = t_build + t_walk + t_commit
 
             dense = [torch.randn(2, 1024 + B + 1, KV_HEADS, HEAD_DIM, device=device).to(dtype) for _ in range(LAYERS)]
             t_ref = timed(lambda: reference_round(logp, tokens, B, target_tokens, dense, roots.cpu()),
-                          device, max(1, args.repeats // 2))
+                          max(1, args.repeats // 2))
             us = [x * 1e6 for x in (t_topk, t_build, t_walk, t_commit, ours, t_ref)]
             print(f"{R:>3} {B:>4} " + " ".join(f"{x:>9.0f}" for x in us[:5]) + f" {us[5]:>10.0f} {t_ref / ours:>6.1f}x",
                   flush=True)

@@ -18,40 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv:  # the interpreter must be chosen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import print_header, timed  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 HEAD_DIM, Q_HEADS, KV_HEADS, PAGE = 128, 32, 4, 16
-
-
-def timed(fn, repeats):
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(samples)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def make_case(batch, context, rows, device, dtype, gen):
@@ -102,10 +79,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
-    import triton
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, "
-          f"torch {torch.__version__}, triton {triton.__version__}")
-    print(f"command: {' '.join(sys.argv)}")
+    print_header()
     print(f"head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, {dtype}, KV block {PAGE}; median of {args.repeats}\n")
     print(f"{'batch':>5} {'context':>7} {'rows':>4} {'tree us':>9} {'causal us':>9} {'dense us':>9} "
           f"{'tree/causal':>11} {'dense/tree':>10}")

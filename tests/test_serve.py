@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (a missing vLLM must fail, not skip)
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
 
 

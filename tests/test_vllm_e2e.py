@@ -14,7 +14,7 @@ import pytest
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: fast start, one place to fail
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-vllm = pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (the environment always has the CPU build: a missing vLLM must fail, not skip)
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
