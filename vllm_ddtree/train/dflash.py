@@ -1,0 +1,237 @@
+"""A DFlash drafter in plain torch, trained as published, saved in the z-lab checkpoint format.
+
+Architecture (what vLLM's ``DFlashQwen3ForCausalLM`` computes, so a checkpoint trained here drafts the
+same in vLLM): the concatenated target hidden states of ``target_layer_ids`` (the outputs of those
+layers: Hugging Face ``hidden_states[i + 1]``) go through ``fc`` and ``hidden_norm``; every drafter layer
+projects them to context keys (``k_proj``, ``k_norm``, RoPE at the context positions) and values
+(``v_proj``). The block ``[anchor token, MASK x (S-1)]`` at positions anchor..anchor+S-1 runs through
+Qwen3 decoder layers whose attention sees the context before the anchor and the whole block
+(non-causal); the final ``norm`` and the target's frozen LM head give slot k's logits for the token at
+anchor + k. The target's embedding and LM head are shared and frozen.
+
+Training: random anchors in the target's own greedy responses, slot k's label is the token at
+anchor + k (what verification will check), weight ``exp(-(k-1)/decay)`` on later slots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    num_hidden_layers: int = 1
+    block_size: int = 16
+    mask_token_id: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    extra: dict = field(default_factory=dict)
+
+    def checkpoint_config(self) -> dict:
+        """config.json of the z-lab format (Qwen3 fields + block_size + dflash_config)."""
+        return {
+            "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+            "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+            "num_hidden_layers": self.num_hidden_layers, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32",
+            "block_size": self.block_size, "num_target_layers": self.num_target_layers,
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)},
+            **self.extra,
+        }
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style rotary embedding on ``x [N, heads, head_dim]`` at ``positions [N]``."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float().unsqueeze(1) * freqs
+    cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.c = c
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, q, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, kv, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, kv, bias=False)
+        self.o_proj = nn.Linear(q, c.hidden_size, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim))
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim))
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.input_layernorm = nn.Parameter(torch.ones(c.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(c.hidden_size))
+
+    def keys_values(self, states, positions):
+        c = self.c
+        k = self.k_proj(states).view(-1, c.num_key_value_heads, c.head_dim)
+        k = rope(rms_norm(k, self.k_norm, c.rms_norm_eps), positions, c.rope_theta)
+        return k, self.v_proj(states).view(-1, c.num_key_value_heads, c.head_dim)
+
+    def forward(self, hidden, positions, context, context_positions, mask):
+        c = self.c
+        x = rms_norm(hidden, self.input_layernorm, c.rms_norm_eps)
+        q = self.q_proj(x).view(-1, c.num_attention_heads, c.head_dim)
+        q = rope(rms_norm(q, self.q_norm, c.rms_norm_eps), positions, c.rope_theta)
+        k_block, v_block = self.keys_values(x, positions)
+        k_ctx, v_ctx = self.keys_values(context, context_positions)
+        k = torch.cat([k_ctx, k_block]).repeat_interleave(c.num_attention_heads // c.num_key_value_heads, 1)
+        v = torch.cat([v_ctx, v_block]).repeat_interleave(c.num_attention_heads // c.num_key_value_heads, 1)
+        attn = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                              attn_mask=mask)
+        hidden = hidden + self.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
+        x = rms_norm(hidden, self.post_attention_layernorm, c.rms_norm_eps)
+        return hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.c = c
+        self.fc = nn.Linear(len(c.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size))
+
+    def forward(self, block_embeds, positions, target_hidden, context_positions, mask):
+        """``block_embeds [Q, H]`` at ``positions [Q]``; ``target_hidden [C, A*H]`` at
+        ``context_positions [C]``; ``mask [Q, C+Q]`` (True = visible) -> final hidden ``[Q, H]``."""
+        context = rms_norm(self.fc(target_hidden), self.hidden_norm, self.c.rms_norm_eps)
+        hidden = block_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, positions, context, context_positions, mask)
+        return rms_norm(hidden, self.norm, self.c.rms_norm_eps)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Weights under the z-lab names (no ``model.`` prefix; embedding and LM head are the target's)."""
+        out = {"fc.weight": self.fc.weight, "hidden_norm.weight": self.hidden_norm, "norm.weight": self.norm}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{p}self_attn.{name}.weight"] = getattr(layer, name).weight
+            out[f"{p}self_attn.q_norm.weight"] = layer.q_norm
+            out[f"{p}self_attn.k_norm.weight"] = layer.k_norm
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{p}mlp.{name}.weight"] = getattr(layer, name).weight
+            out[f"{p}input_layernorm.weight"] = layer.input_layernorm
+            out[f"{p}post_attention_layernorm.weight"] = layer.post_attention_layernorm
+        return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+    def save(self, folder: str, dtype=torch.float32) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.to(dtype) for k, v in self.checkpoint_state().items()}, os.path.join(folder, "model.safetensors"))
+        config = self.c.checkpoint_config()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+def spread_layer_ids(num_target_layers: int, count: int) -> list[int]:
+    """``count`` target layers spread over the depth, from the second to the second-to-last."""
+    if count == 1:
+        return [num_target_layers // 2]
+    lo, hi = 1, num_target_layers - 2
+    return [round(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
+
+
+def block_batch(tokens, num_context, anchors, block_size, mask_token_id):
+    """Queries, positions, labels and the visibility mask for DFlash blocks at ``anchors`` of one sequence.
+
+    Block j is ``[tokens[a_j], MASK...]`` at positions a_j..a_j+S-1; it sees context positions < a_j
+    (of the ``num_context`` available) and its own block, both ways.
+    """
+    S = block_size
+    anchors = torch.as_tensor(anchors)
+    slot = torch.arange(S)
+    positions = (anchors.unsqueeze(1) + slot).flatten()
+    block_tokens = torch.full((len(anchors), S), mask_token_id, dtype=torch.long)
+    block_tokens[:, 0] = tokens[anchors]
+    labels = tokens[(anchors.unsqueeze(1) + slot).clamp(max=len(tokens) - 1)]
+    Q = len(anchors) * S
+    sees_context = torch.arange(num_context).unsqueeze(0) < anchors.repeat_interleave(S).unsqueeze(1)
+    block_of = torch.arange(Q) // S
+    sees_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
+    return block_tokens.flatten(), positions, labels, torch.cat([sees_context, sees_block], 1)
+
+
+def slot_weights(block_size: int, decay: float) -> torch.Tensor:
+    """Loss weight of slot k (k = 1..S-1; slot 0 holds the anchor and has no loss)."""
+    k = torch.arange(block_size, dtype=torch.float32)
+    return torch.where(k == 0, 0.0, torch.exp(-(k - 1) / decay))
+
+
+def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_per_step: int = 16,
+                  lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0) -> DFlashDrafter:
+    """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
+    the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``."""
+    torch.manual_seed(seed)
+    target.eval().requires_grad_(False)
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    feats = []
+    with torch.no_grad():
+        for tokens, _ in sequences:
+            hs = target(tokens.unsqueeze(0), output_hidden_states=True).hidden_states
+            feats.append(torch.cat([hs[i + 1][0] for i in config.target_layer_ids], -1))
+    drafter = DFlashDrafter(config)
+    for name, p in drafter.named_parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    weights = slot_weights(config.block_size, decay)
+    gen = torch.Generator().manual_seed(seed)
+    S = config.block_size
+    usable = [i for i, (t, p) in enumerate(sequences) if len(t) - S > max(p - 1, 1)]
+    for step in range(steps):
+        i = usable[int(torch.randint(len(usable), (1,), generator=gen))]
+        tokens, prompt_len = sequences[i]
+        lo, hi = max(prompt_len - 1, 1), len(tokens) - S  # anchors in the response, full blocks only
+        anchors = torch.randint(lo, hi + 1, (anchors_per_step,), generator=gen)
+        block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, config.mask_token_id)
+        hidden = drafter(embed(block_tokens), positions, feats[i], torch.arange(len(tokens)), mask)
+        logits = head(hidden).float()
+        loss_per = F.cross_entropy(logits, labels.flatten(), reduction="none").view(-1, S)
+        loss = (loss_per * weights).sum() / (weights.sum() * len(anchors))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log_every and step % log_every == 0:
+            print(f"step {step} loss {loss.item():.3f}", flush=True)
+    return drafter
+
+
+__all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "slot_weights", "spread_layer_ids",
+           "train_drafter"]
