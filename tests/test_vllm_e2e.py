@@ -69,6 +69,15 @@ def test_greedy_equals_dflash_chain(models, reference):
     assert chain == tree == reference
 
 
+def test_speculators_format_drafter_loads(models, reference, tmp_path):
+    from tiny_models import write_speculators_dflash_drafter
+
+    speculators = write_speculators_dflash_drafter(str(tmp_path / "speculators"), models[1])
+    tokens, counters = generate(models, spec={"method": "ddtree", "model": speculators, "num_speculative_tokens": 16})
+    assert tokens == reference
+    assert counters["vllm:spec_decode_num_accepted_tokens"] >= 0.9 * counters["vllm:spec_decode_num_drafts"]
+
+
 def test_scheduler_features(models, reference):
     # Prefix caching, chunked prefill with a tiny token budget, and max_tokens that end mid-path.
     tokens, _ = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16},

@@ -131,3 +131,27 @@ def write_dflash_drafter(folder: str, seed: int = 1, layers: int = 1, block_size
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     return folder
+
+
+def write_speculators_dflash_drafter(folder: str, z_lab_folder: str) -> str:
+    """The same drafter in the ``speculators`` format: its config nests the layer config and numbers
+    the target layers one higher (``aux_hidden_state_layer_ids``); the weights are unchanged."""
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(z_lab_folder, "model.safetensors"), folder)
+    with open(os.path.join(z_lab_folder, "config.json")) as f:
+        layer_config = json.load(f)
+    dflash = layer_config.pop("dflash_config")
+    block_size = layer_config.pop("block_size")
+    layer_config["architectures"] = ["Qwen3ForCausalLM"]
+    config = {
+        "speculators_model_type": "dflash", "transformer_layer_config": layer_config,
+        "aux_hidden_state_layer_ids": [i + 1 for i in dflash["target_layer_ids"]],
+        "mask_token_id": dflash["mask_token_id"], "target_hidden_size": HIDDEN,
+        "speculators_config": {"proposal_methods": [{"proposal_type": "dflash", "speculative_tokens": block_size - 1}],
+                               "verifier": {"name_or_path": "target"}},
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder

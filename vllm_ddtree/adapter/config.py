@@ -50,12 +50,12 @@ def apply() -> None:
             return original(self)
         budget = check_budget(self.num_speculative_tokens)
         _refuse_unsupported_platform()
-        _precheck_local_drafter(self.model)
+        depth_hint = _precheck_local_drafter(self.model)
         self.method = "dflash"
         original(self)
         target = self.target_model_config
         depth = drafter_depth(self.draft_model_config.hf_config, target.get_total_num_hidden_layers(),
-                              target.get_hidden_size(), target.get_vocab_size())
+                              target.get_hidden_size(), target.get_vocab_size(), depth_hint)
         _refuse_unsupported_target(target)
         self.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
 
@@ -73,8 +73,12 @@ def _refuse_unsupported_platform() -> None:
                          'wired yet. Use method "dflash" with the same drafter on this platform.')
 
 
-def _precheck_local_drafter(model) -> None:
-    """Refuses a local non-DFlash checkpoint before vLLM tries (and fails obscurely) to load it as one."""
+def _precheck_local_drafter(model) -> int | None:
+    """Refuses a local non-DFlash checkpoint before vLLM tries (and fails obscurely) to load it as one.
+
+    Returns the tree depth a ``speculators``-format DFlash drafter declares (vLLM converts that format
+    itself, renumbering its layer ids, but drops the block size), else None.
+    """
     import json
     import os
 
@@ -82,12 +86,25 @@ def _precheck_local_drafter(model) -> None:
     if path is None or not os.path.isfile(path):
         if model is None:
             raise ValueError('speculative_config method "ddtree" needs "model": a DFlash drafter checkpoint')
-        return
+        return None
     with open(path) as f:
-        archs = json.load(f).get("architectures") or []
+        config = json.load(f)
+    kind = config.get("speculators_model_type")
+    if kind is not None:
+        if kind != "dflash":
+            raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter; {model} is a '
+                             f'speculators "{kind}" checkpoint')
+        layer_config = config.get("transformer_layer_config") or {}
+        block_size = config.get("block_size") or layer_config.get("block_size")
+        if block_size:
+            return int(block_size) - 1
+        methods = (config.get("speculators_config") or {}).get("proposal_methods") or [{}]
+        return methods[0].get("speculative_tokens")
+    archs = config.get("architectures") or []
     if not any("DFlash" in a for a in archs):
         raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
                          f'architectures ["DFlashDraftModel"]); {model} has architectures {archs}')
+    return None
 
 
 def _refuse_unsupported_target(target) -> None:

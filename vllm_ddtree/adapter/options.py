@@ -18,13 +18,17 @@ def check_budget(budget) -> int:
     return budget
 
 
-def drafter_depth(draft_hf_config, target_num_layers: int, target_hidden: int, target_vocab: int) -> int:
-    """Checks that the draft checkpoint is a DFlash drafter that fits the target; returns D."""
+def drafter_depth(draft_hf_config, target_num_layers: int, target_hidden: int, target_vocab: int,
+                  depth_hint: int | None = None) -> int:
+    """Checks that the draft checkpoint is a DFlash drafter that fits the target; returns D (from the
+    config's ``block_size``, else ``depth_hint``, the depth a speculators-format checkpoint declares)."""
     archs = list(getattr(draft_hf_config, "architectures", None) or [])
     if not any("DFlash" in a for a in archs):
         raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
                          f'architectures ["DFlashDraftModel"]); the draft model has architectures {archs}')
     block_size = getattr(draft_hf_config, "block_size", None)
+    if block_size is None and depth_hint is not None:
+        block_size = int(depth_hint) + 1
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f'the DFlash drafter\'s config needs "block_size" >= 2 (tree depth D = block_size - 1), '
                          f"got {block_size!r}")

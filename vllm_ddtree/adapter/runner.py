@@ -90,6 +90,7 @@ def prepare_tree_step(runner, spec_decode_metadata) -> None:
     """After vLLM's ``_prepare_inputs``: RoPE positions of tree rows, and the step's tree metadata."""
     state = DDTreeState.of(runner)
     state.step = None
+    ACTIVE_TREE_ATTENTION[0] = None  # a step without trees must never see last step's mask
     if spec_decode_metadata is None:
         return
     spec = runner.speculative_config
