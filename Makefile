@@ -2,7 +2,7 @@
 # `make demo` runs the main job.
 PY := .venv/bin/python
 
-.PHONY: env test demo bench
+.PHONY: env test demo toy bench
 env:
 	bash scripts/setup_env.sh
 
@@ -10,6 +10,9 @@ test: env
 	$(PY) -m pytest -q
 
 demo: env
+	$(PY) -m vllm_ddtree.demo
+
+toy: env
 	$(PY) -m vllm_ddtree.toy
 
 bench: env
