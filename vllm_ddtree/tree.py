@@ -135,7 +135,7 @@ def build_tree_from_topk(
     if logp is None or B == 0 or logp.shape[1] == 0:
         R = shape[0] if logp is None else logp.shape[0]
         dev = device if logp is None else logp.device
-        return _empty_tree(R, B, dev, shape[1] if logp is None else logp.shape[1])
+        return empty_tree(R, B, dev, shape[1] if logp is None else logp.shape[1])
     R, D, K = logp.shape
     dev = logp.device
     if isinstance(budget, torch.Tensor):
@@ -280,7 +280,8 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return unpacked.flatten(-2)[..., :n].bool()
 
 
-def _empty_tree(R: int, B: int, device, max_depth: int) -> DraftTree:
+def empty_tree(R: int, B: int, device, max_depth: int) -> DraftTree:
+    """``R`` trees of no node, in the shapes of budget ``B`` (requests that verify nothing this step)."""
     long = dict(dtype=torch.int64, device=device)
     parents = torch.zeros(R, B, **long)
     return DraftTree(

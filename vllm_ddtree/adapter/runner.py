@@ -21,7 +21,7 @@ import torch
 
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
-from vllm_ddtree.tree import DraftTree
+from vllm_ddtree.tree import DraftTree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
 from vllm_ddtree.verify import TreeSampling, verify_tree
 
@@ -62,12 +62,8 @@ class DDTreeState:
         dev = num_draft.device
         index = {rid: i for i, rid in enumerate(self.tree_req_ids)}
         rows = [index.get(rid, -1) for rid in req_ids]  # host bookkeeping, like vLLM's own per step
-        if self.trees is None:
-            if int(num_draft.max()) > 0:
-                raise RuntimeError("ddtree: a request has draft tokens but no drafted tree")
-            from vllm_ddtree.tree import build_tree
-            return build_tree(torch.zeros(R, depth, 1, device=dev), torch.zeros(R, dtype=torch.long, device=dev),
-                              max_budget=budget)
+        if self.trees is None:  # no step has drafted yet: nothing to verify
+            return empty_tree(R, budget, dev, depth)
         rows_t = torch.tensor(rows, device=dev)
         have = rows_t >= 0
         rows_t = rows_t.clamp(min=0)
