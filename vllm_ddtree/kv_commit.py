@@ -60,20 +60,11 @@ class CommitPlan:
     dst_offset: torch.Tensor
     moves: torch.Tensor  # bool: this slot really moves
 
-    @property
-    def max_moves(self) -> int:
-        return self.moves.shape[1]
-
 
 def plan_commit(block_table: torch.Tensor, block_size: int, root_positions: torch.Tensor,
                 accepted_nodes: torch.Tensor) -> CommitPlan:
     """Positions -> (block, offset) pairs for every move of every request, on the device."""
-    path = accepted_nodes[:, 1:]
-    slot = torch.arange(1, path.shape[1] + 1, device=path.device)
-    moves = (path >= 0) & (path != slot)
-    root = root_positions.to(torch.int64).unsqueeze(1)
-    src = root + torch.where(moves, path, 0)  # non-moves point at the root, which never moves
-    dst = root + torch.where(moves, slot, 0)
+    src, dst, moves = _path_moves(root_positions, accepted_nodes)
     table = block_table.to(torch.int64)
     return CommitPlan(table.gather(1, src // block_size), src % block_size,
                       table.gather(1, dst // block_size), dst % block_size, moves)
@@ -103,14 +94,21 @@ def commit_accepted_kv_reference(view: torch.Tensor, plan: CommitPlan) -> None:
 
 def commit_accepted_rows(rows: torch.Tensor, root_rows: torch.Tensor, accepted_nodes: torch.Tensor) -> None:
     """The same permutation on per-token rows ``[T, ...]`` whose tree rows start at ``root_rows [R]``."""
+    src, dst, _ = _path_moves(root_rows, accepted_nodes)
+    # Non-moves copy the root row onto itself; the right-hand side is gathered before the write.
+    rows[dst.flatten()] = rows[src.flatten()]
+
+
+def _path_moves(root: torch.Tensor, accepted_nodes: torch.Tensor):
+    """(source, destination, moves) ``[R, D]``: node a_j at ``root + a_j`` goes to ``root + j``.
+
+    Non-moves (past the path, or a node already in its slot) point at the root, which never moves.
+    """
     path = accepted_nodes[:, 1:]
     slot = torch.arange(1, path.shape[1] + 1, device=path.device)
     moves = (path >= 0) & (path != slot)
-    root = root_rows.to(torch.int64).unsqueeze(1)
-    src = (root + torch.where(moves, path, 0)).flatten()
-    dst = (root + torch.where(moves, slot, 0)).flatten()
-    # Non-moves copy the root row onto itself; the right-hand side is gathered before the write.
-    rows[dst] = rows[src]
+    root = root.to(torch.int64).unsqueeze(1)
+    return root + torch.where(moves, path, 0), root + torch.where(moves, slot, 0), moves
 
 
 def _commit_triton(view: torch.Tensor, plan: CommitPlan) -> None:
@@ -128,12 +126,12 @@ def _commit_triton(view: torch.Tensor, plan: CommitPlan) -> None:
     bits = view.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[view.element_size()])
     R, M = plan.moves.shape
     elems = A * C
-    block_e = min(1024, max(16, _next_pow2(elems)))
+    block_e = min(1024, max(16, triton.next_power_of_2(elems)))
     grid = (R, triton.cdiv(elems, block_e))
     move_kv_slots_kernel[grid](
         bits, plan.src_block, plan.src_offset, plan.dst_block, plan.dst_offset, plan.moves.to(torch.int8),
         view.stride(0), view.stride(1), stride_a, stride_c,
-        C=C, ELEMS=elems, MAX_MOVES=M, MOVES_POW2=max(2, _next_pow2(M)), BLOCK_E=block_e,
+        C=C, ELEMS=elems, MAX_MOVES=M, MOVES_POW2=max(2, triton.next_power_of_2(M)), BLOCK_E=block_e,
     )
 
 
@@ -150,7 +148,3 @@ def _coalesce(sizes, strides):
             out_sizes.append(size)
             out_strides.append(stride)
     return tuple(out_sizes), tuple(out_strides)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
