@@ -35,6 +35,7 @@ class StepTrees:
     """The trees verified in this step, one per request of the batch (empty for non-tree requests)."""
 
     tree: DraftTree
+    num_draft: torch.Tensor       # [R] draft tokens the scheduler kept for each request (0 = no tree)
     root_rows: torch.Tensor       # [R] row of each request's root in the step's flattened tokens
     root_positions: torch.Tensor  # [R] the root's position (storage and RoPE)
     attention: TreeAttentionMetadata
@@ -111,7 +112,7 @@ def prepare_tree_step(runner, spec_decode_metadata) -> None:
         tree_bits=tree.ancestor_bits,
         tree_rows=torch.where(num_draft > 0, num_draft + 1, 0).to(torch.int32),
     )
-    state.step = StepTrees(tree, root_rows, root_positions, attention)
+    state.step = StepTrees(tree, num_draft, root_rows, root_positions, attention)
     ACTIVE_TREE_ATTENTION[0] = attention
 
 
@@ -137,7 +138,7 @@ class TreeVerifier(torch.nn.Module):
         _refuse_unsupported_sampling(sampling_metadata)
         tree = step.tree
         dev = logits.device
-        num_draft = step.attention.tree_rows.to(torch.int64).clamp(min=1) - 1
+        num_draft = step.num_draft
         first = metadata.cu_num_sampled_tokens.to(dev, torch.int64) - (num_draft + 1)
         rows = first.unsqueeze(1) + torch.minimum(torch.arange(tree.max_nodes + 1, device=dev), num_draft.unsqueeze(1))
         verdict = verify_tree(tree, logits[rows], _tree_sampling(sampling_metadata, num_draft.shape[0], dev),
