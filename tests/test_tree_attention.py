@@ -21,8 +21,9 @@ def _tree_bits(shape, budget, gen):
     return build_tree(torch.randn(1, 6, 4, generator=gen) * 2, budget).ancestor_bits[0]  # "deep"
 
 
-def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout, gen, device):
-    """``requests``: list of (kind, context_len, query_len); kind "tree:<shape>" has query_len budget+1."""
+def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout, gen, device, with_cache=False):
+    """``requests``: list of (kind, context_len, query_len); kind "tree:<shape>" has query_len budget+1.
+    Returns query, key view, value view, metadata (and the whole cache tensor if ``with_cache``)."""
     q_lens = [q for _, _, q in requests]
     seq_lens = [c + q for _, c, q in requests]
     blocks_per_req = max(seq_lens) // page + 1
@@ -46,8 +47,9 @@ def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=block_table.to(torch.int32), tree_bits=tree_bits, tree_rows=tree_rows)
     meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values()])
-    keys, values = paged_kv_views(kv_cache.to(device), layout)
-    return query.to(device), keys, values, meta
+    kv_cache = kv_cache.to(device)
+    keys, values = paged_kv_views(kv_cache, layout)
+    return (query.to(device), keys, values, meta) + ((kv_cache,) if with_cache else ())
 
 
 MIXED = [("tree:deep", 37, 16), ("prefill", 0, 23), ("decode", 70, 1), ("tree:chain", 5, 16),

@@ -258,3 +258,23 @@ def test_drafter_with_foreign_layer_ids_is_refused(models, tmp_path):
         EngineArgs(model=models[0], dtype="float32", max_model_len=512,
                    speculative_config={"method": "ddtree", "model": bad,
                                        "num_speculative_tokens": 8}).create_engine_config()
+
+
+def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    def config(spec):
+        return EngineArgs(model=models[0], dtype="float32", max_model_len=512,
+                          speculative_config=spec and {"model": models[1], **spec}).create_engine_config()
+
+    tree = config({"method": "ddtree", "num_speculative_tokens": 8})
+    assert tree.use_v2_model_runner is False
+    # On GPUs vLLM may pick full CUDA graphs; a ddtree engine keeps attention outside them.
+    for cfg, want in [(tree, CUDAGraphMode.PIECEWISE), (config(None), CUDAGraphMode.FULL_AND_PIECEWISE)]:
+        cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        cfg._maybe_override_dynamic_sd_cudagraph_mode()
+        assert cfg.compilation_config.cudagraph_mode == want
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="runs on the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"):
+        tree.use_v2_model_runner

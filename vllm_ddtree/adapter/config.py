@@ -6,6 +6,10 @@ KV cache) and marked with plain instance attributes: ``ddtree`` (True), ``ddtree
 ``num_speculative_tokens`` the user gave) and ``ddtree_depth`` (D = drafter block size - 1). Plain
 attributes survive the pickling that ships configs to the engine and worker processes, and no class of
 ours has to be importable there before the plugin loads.
+
+A ddtree engine also gets, in ``VllmConfig``: the V1 model runner (our runner hooks are written for
+it; V2 comes later), and on GPUs piecewise CUDA graphs instead of full ones (the tree-attention hook
+decides per step in eager Python, outside the captured pieces). Both are logged when they apply.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ def is_ddtree(speculative_config) -> bool:
 
 def required_internals():
     """(what, present?) for every vLLM internal this module patches."""
-    from vllm.config import speculative
+    from vllm.config import speculative, vllm as vllm_config
 
     cls = speculative.SpeculativeConfig
+    engine = vllm_config.VllmConfig
     return [
+        ("vllm.config.vllm.VllmConfig.use_v2_model_runner (property)",
+         isinstance(getattr(engine, "use_v2_model_runner", None), property)),
+        ("vllm.config.vllm.VllmConfig._maybe_override_dynamic_sd_cudagraph_mode",
+         hasattr(engine, "_maybe_override_dynamic_sd_cudagraph_mode")),
         ("vllm.config.speculative.SpeculativeConfig.__post_init__", hasattr(cls, "__post_init__")),
         ("SpeculativeConfig field 'method'", "method" in getattr(cls, "__dataclass_fields__", {})),
         ("'dflash' in the method Literal", "dflash" in _literal_values(getattr(speculative, "SpeculativeMethod", None))),
@@ -62,15 +71,47 @@ def apply() -> None:
     cls.__post_init__ = __post_init__
     rebuild_dataclass(cls, force=True)
     cls._ddtree_patched = True
+    _apply_engine_defaults()
+
+
+def _apply_engine_defaults() -> None:
+    from vllm import envs
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.config.vllm import VllmConfig
+    from vllm.logger import init_logger
+
+    log = init_logger("vllm_ddtree")  # vLLM's logger: its info_once, its format
+    use_v2 = VllmConfig.use_v2_model_runner.fget
+    override_graphs = VllmConfig._maybe_override_dynamic_sd_cudagraph_mode
+
+    def use_v2_model_runner(self) -> bool:
+        if not is_ddtree(self.speculative_config):
+            return use_v2(self)
+        if envs.VLLM_USE_V2_MODEL_RUNNER:
+            raise ValueError('speculative_config method "ddtree" runs on the V1 model runner; unset '
+                             "VLLM_USE_V2_MODEL_RUNNER (or set it to 0)")
+        log.info_once("ddtree: using the V1 model runner (the tree verifier and KV commit hook into it)")
+        return False
+
+    def _maybe_override_dynamic_sd_cudagraph_mode(self) -> None:
+        override_graphs(self)
+        mode = self.compilation_config.cudagraph_mode
+        if is_ddtree(self.speculative_config) and mode is not None and mode.has_full_cudagraphs():
+            log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
+                        "captured graphs)", mode.name)
+            self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+    VllmConfig._maybe_override_dynamic_sd_cudagraph_mode = _maybe_override_dynamic_sd_cudagraph_mode
 
 
 def _refuse_unsupported_platform() -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise ValueError(f'speculative_config method "ddtree" runs on vLLM\'s CPU backend in this release; the '
-                         f"tree-attention hook for {current_platform.device_name!r} attention backends is not "
-                         'wired yet. Use method "dflash" with the same drafter on this platform.')
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        raise ValueError(f'speculative_config method "ddtree" runs on NVIDIA GPUs and vLLM\'s CPU backend; '
+                         f"{current_platform.device_name!r} is not supported yet. Use method \"dflash\" with the "
+                         "same drafter on this platform.")
 
 
 def _precheck_local_drafter(model) -> int | None:

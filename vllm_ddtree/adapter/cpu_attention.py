@@ -10,7 +10,7 @@ a ddtree engine the ``amx`` ISA (bf16 on AMX machines, pair-packed) is therefore
 from __future__ import annotations
 
 from vllm_ddtree.adapter.config import is_ddtree
-from vllm_ddtree.adapter.runner import ACTIVE_TREE_ATTENTION
+from vllm_ddtree.adapter.runner import ACTIVE_TREE_ATTENTION, count_tree_attention_call
 from vllm_ddtree.kv_commit import paged_kv_views
 from vllm_ddtree.tree_attention import tree_attention_reference
 
@@ -49,6 +49,7 @@ def apply() -> None:
         keys, values = paged_kv_views(kv_cache, "cpu")
         tree_attention_reference(query[:n].view(n, self.num_heads, self.head_size), keys, values, tree,
                                  self.scale, out=output[:n].view(n, self.num_heads, self.head_size))
+        count_tree_attention_call()
         return output
 
     def builder_init(self, kv_cache_spec, layer_names, vllm_config, device):

@@ -28,6 +28,13 @@ from vllm_ddtree.verify import TreeSampling, verify_tree
 # The tree attention metadata of the target forward in flight, read by the attention backend hook.
 # One engine step runs at a time per worker process.
 ACTIVE_TREE_ATTENTION: list[TreeAttentionMetadata | None] = [None]
+# Layers that applied the tree mask in the forward in flight: a backend without our hook would
+# attend causally over the tree and verify garbage, so the verifier refuses a step where it is 0.
+_TREE_ATTENTION_CALLS = [0]
+
+
+def count_tree_attention_call() -> None:
+    _TREE_ATTENTION_CALLS[0] += 1
 
 
 @dataclass
@@ -88,6 +95,7 @@ def prepare_tree_step(runner, spec_decode_metadata) -> None:
     state = DDTreeState.of(runner)
     state.step = None
     ACTIVE_TREE_ATTENTION[0] = None  # a step without trees must never see last step's mask
+    _TREE_ATTENTION_CALLS[0] = 0
     if spec_decode_metadata is None:
         return
     spec = runner.speculative_config
@@ -136,6 +144,9 @@ class TreeVerifier(torch.nn.Module):
         if step is None:
             return self.chain_sampler(metadata, draft_probs, logits, sampling_metadata)
         _refuse_unsupported_sampling(sampling_metadata)
+        if _TREE_ATTENTION_CALLS[0] == 0:
+            raise RuntimeError("the target's attention backend did not apply ddtree's tree mask; ddtree hooks vLLM's "
+                               "CPU, FLASH_ATTN and TRITON_ATTN backends: select one (--attention-backend)")
         tree = step.tree
         dev = logits.device
         num_draft = step.num_draft
