@@ -278,3 +278,13 @@ def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="runs on the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"):
         tree.use_v2_model_runner
+
+
+def test_a_backend_that_skips_the_tree_mask_stops_the_engine(models, monkeypatch):
+    # As if the target ran on an attention backend without our hook: the tree would be attended
+    # causally and verification would accept garbage. The verifier must refuse the step instead.
+    from vllm_ddtree.adapter import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "ACTIVE_TREE_ATTENTION", [None])
+    with pytest.raises(Exception, match="did not apply ddtree's tree mask.*--attention-backend"):
+        generate(models, PROMPTS[:2], spec={"method": "ddtree", "num_speculative_tokens": 4})
