@@ -240,6 +240,33 @@ def test_bad_config_is_refused_before_start(models, spec, message):
                    speculative_config={"model": models[1], **spec}).create_engine_config()
 
 
+def test_quantized_kv_cache_is_refused_before_start(models):
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(Exception, match="needs an unquantized KV cache; kv_cache_dtype 'fp8' is not supported"):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512, kv_cache_dtype="fp8",
+                   speculative_config={"model": models[1], "method": "ddtree",
+                                       "num_speculative_tokens": 8}).create_engine_config()
+
+
+def test_soft_capped_attention_target_is_refused(models, tmp_path):
+    import json
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    target = str(tmp_path / "softcap")
+    shutil.copytree(models[0], target)
+    with open(os.path.join(target, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(target, "config.json"), "w") as f:
+        json.dump({**config, "attn_logit_softcapping": 50.0}, f)
+    with pytest.raises(Exception, match="does not support targets with attention logit soft-capping"):
+        EngineArgs(model=target, dtype="float32", max_model_len=512,
+                   speculative_config={"model": models[1], "method": "ddtree",
+                                       "num_speculative_tokens": 8}).create_engine_config()
+
+
 def test_non_dflash_drafter_is_refused(models):
     from vllm.engine.arg_utils import EngineArgs
 

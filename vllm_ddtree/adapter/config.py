@@ -95,6 +95,8 @@ def _apply_engine_defaults() -> None:
 
     def _maybe_override_dynamic_sd_cudagraph_mode(self) -> None:
         override_graphs(self)
+        if is_ddtree(self.speculative_config):
+            _refuse_unsupported_cache(self.cache_config)
         mode = self.compilation_config.cudagraph_mode
         if is_ddtree(self.speculative_config) and mode is not None and mode.has_full_cudagraphs():
             log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
@@ -159,6 +161,23 @@ def _refuse_unsupported_target(target) -> None:
                          "targets: their recurrent state or window cannot branch over a tree")
     if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
         raise ValueError('speculative_config method "ddtree" does not support sliding-window attention targets')
+    # What the tree-attention kernel does not compute (the GPU hook re-checks each layer).
+    archs = " ".join(getattr(hf, "architectures", None) or [])
+    if getattr(hf, "attn_logit_softcapping", None):
+        raise ValueError('speculative_config method "ddtree" does not support targets with attention logit '
+                         "soft-capping (attn_logit_softcapping)")
+    if getattr(hf, "alibi", False) or getattr(hf, "position_embedding_type", None) == "alibi" or \
+            any(name in archs for name in ("Bloom", "MPT")):
+        raise ValueError('speculative_config method "ddtree" does not support ALiBi-position targets')
+    if "GptOss" in archs:
+        raise ValueError('speculative_config method "ddtree" does not support attention-sink targets (gpt-oss)')
+
+
+def _refuse_unsupported_cache(cache_config) -> None:
+    dtype = str(getattr(cache_config, "cache_dtype", "auto"))
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ValueError(f'speculative_config method "ddtree" needs an unquantized KV cache; kv_cache_dtype '
+                         f'{dtype!r} is not supported: use "auto"')
 
 
 def _literal_values(tp) -> tuple:
