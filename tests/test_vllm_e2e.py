@@ -211,6 +211,7 @@ def test_tensor_parallel_greedy_equals_no_speculation(models, reference, tmp_pat
 @pytest.mark.parametrize("params,message", [
     (SamplingParams(max_tokens=4, prompt_logprobs=2), "ddtree does not support prompt_logprobs yet"),
     (SamplingParams(max_tokens=4, repetition_penalty=1.2), "ddtree does not support repetition penalties yet"),
+    (SamplingParams(max_tokens=4, min_tokens=2), "ddtree does not support min_tokens yet"),
     (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
 ])
 def test_unsupported_request_features_are_refused_on_arrival(models, params, message):

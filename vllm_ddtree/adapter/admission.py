@@ -22,6 +22,10 @@ def unsupported_feature(params) -> tuple[str, str] | None:
         ("allowed_token_ids", bool(params.allowed_token_ids), "allowed_token_ids"),
         ("bad_words", bool(params.bad_words), "bad_words"),
         ("structured_outputs", params.structured_outputs is not None, "structured outputs"),
+        # vLLM applies these to chain drafts in its rejection sampler; tree nodes would escape them.
+        ("min_tokens", params.min_tokens > 0, "min_tokens"),
+        ("thinking_token_budget", getattr(params, "thinking_token_budget", None) is not None,
+         "thinking_token_budget"),
     ]
     for parameter, used, name in checks:
         if used:
