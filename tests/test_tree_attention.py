@@ -5,7 +5,7 @@ import torch
 
 from vllm_ddtree.tree import build_tree, pack_bits
 from vllm_ddtree.kv_commit import paged_kv_views
-from vllm_ddtree.tree_attention import (TreeAttentionMetadata, tree_attention,
+from vllm_ddtree.tree_attention import (TreeAttentionMetadata, tree_attention, tree_attention_dense,
                                         tree_attention_reference, visibility_mask)
 
 
@@ -113,3 +113,16 @@ def test_tree_rows_see_only_ancestors(device):
     moved = tree_attention(query, keys, values, meta, scale=0.125)
     changed = (moved - base).abs().amax(dim=(1, 2)) > 1e-3
     assert changed.tolist() == [r == 3 for r in range(9)]
+
+
+@pytest.mark.parametrize("layout", ["cpu", "vllm", "flash_attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_cpu_path_matches_reference(layout, dtype):
+    # The CPU backend's path: requests of equal query length batched into one masked SDPA.
+    gen = torch.Generator().manual_seed(3)
+    requests = MIXED + [("tree:deep", 50, 16), ("decode", 3, 1), ("tree:chain", 0, 16), ("prefill", 7, 9)]
+    query, keys, values, meta = make_batch(requests, 15, 16, 2, 4, 64, dtype, layout, gen, "cpu")
+    got = tree_attention_dense(query, keys, values, meta, scale=0.125)
+    want = tree_attention_reference(query, keys, values, meta, scale=0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -14,8 +14,10 @@ row, the keys up to its own position (causal). A tree that is a chain gives exac
 
 :func:`tree_attention` is the Triton kernel's launcher (one launch per layer, fixed shapes for a
 fixed batch and B, so it can run inside a CUDA graph). :func:`tree_attention_reference` builds the
-dense boolean mask from the block table and runs plain attention per request: the tests' oracle and
-the CPU path (vLLM's CPU attention cannot take a mask). It reads lengths back to the host.
+dense boolean mask from the block table and runs plain attention per request: the tests' oracle.
+:func:`tree_attention_dense` is the CPU path (vLLM's CPU attention cannot take a mask): the same dense
+masks, but requests of equal query length share one masked SDPA call, and the gather indices and
+masks are planned once per step (:func:`plan_dense`) for all layers. Both read lengths on the host.
 """
 
 from __future__ import annotations
@@ -127,4 +129,62 @@ def tree_attention_reference(query: torch.Tensor, key_cache: torch.Tensor, value
         scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
         scores = scores.masked_fill(~visibility_mask(meta, r), float("-inf"))
         out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(out.dtype)
+    return out
+
+
+@dataclass
+class DensePlan:
+    """Per-step gather indices and masks of :func:`tree_attention_dense`: one group per query length."""
+
+    groups: list  # (query rows [G, Q], key blocks [G, S], key offsets [G, S], mask [G, 1, Q, S])
+
+
+def plan_dense(meta: TreeAttentionMetadata, page: int) -> DensePlan:
+    starts = meta.query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    dev = meta.seq_lens.device
+    groups = []
+    for q_len in sorted(set(q_lens) - {0}):
+        reqs = torch.tensor([r for r, n in enumerate(q_lens) if n == q_len], device=dev)
+        seq_lens = meta.seq_lens[reqs].long()
+        S = int(seq_lens.max())
+        rows = meta.query_start_loc[reqs].long().unsqueeze(1) + torch.arange(q_len, device=dev)  # [G, Q]
+        keys = torch.arange(S, device=dev)
+        blocks = meta.block_table[reqs][:, keys // page].long()  # [G, S]
+        offsets = (keys % page).expand_as(blocks)
+        # Causal against the request's own end (also hides the padding keys past its seq_len) ...
+        i = torch.arange(q_len, device=dev).view(1, -1, 1)
+        j = keys.view(1, 1, -1)
+        context = (seq_lens - q_len).view(-1, 1, 1)
+        mask = j <= context + i
+        # ... except the tree block (its last tree_rows rows x keys), which takes the ancestor bits.
+        tree_rows = meta.tree_rows[reqs].long().view(-1, 1, 1)
+        ti = i - (q_len - tree_rows)
+        tj = j - (seq_lens.view(-1, 1, 1) - tree_rows)
+        in_tree = (ti >= 0) & (tj >= 0) & (tj < tree_rows)
+        N = meta.tree_bits.shape[1]
+        bits = unpack_bits(meta.tree_bits[reqs], N)  # [G, N, N]
+        g = torch.arange(len(reqs), device=dev).view(-1, 1, 1)
+        mask = torch.where(in_tree, bits[g, ti.clamp(0, N - 1), tj.clamp(0, N - 1)], mask)
+        groups.append((rows, blocks, offsets, mask.unsqueeze(1)))
+    return DensePlan(groups)
+
+
+def tree_attention_dense(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
+                         plan: DensePlan | None = None) -> torch.Tensor:
+    """Same contract as the kernel: masked SDPA batched over requests of equal query length, in the
+    query's dtype (torch's CPU flash attention accumulates half-precision inputs in float32)."""
+    import torch.nn.functional as F
+
+    if out is None:
+        out = torch.empty_like(query)
+    if plan is None:
+        plan = plan_dense(meta, key_cache.shape[1])
+    for rows, blocks, offsets, mask in plan.groups:
+        q = query[rows].transpose(1, 2)  # [G, Hq, Q, D]
+        k = key_cache[blocks, offsets].to(q.dtype).transpose(1, 2)  # [G, Hkv, S, D]
+        v = value_cache[blocks, offsets].to(q.dtype).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o.transpose(1, 2).to(out.dtype)
     return out

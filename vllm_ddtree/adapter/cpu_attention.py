@@ -1,9 +1,9 @@
-"""Round step 3 on vLLM's CPU backend: its attention kernel cannot take a mask, so target forwards of
-a tree step run the dense-mask reference (:func:`vllm_ddtree.tree_attention.tree_attention_reference`)
-over the same paged cache. Everything else (prefill, the drafter's own non-causal pass, steps without
-trees) stays on vLLM's kernel.
+"""Round step 3 on vLLM's CPU backend: its attention kernel cannot take a mask, so the target forward
+of a step that verifies trees runs the dense-mask path over the same paged cache for the whole batch
+(:func:`vllm_ddtree.tree_attention.tree_attention_dense`, planned once per step, reused by every
+layer). Steps without trees and the drafter's own non-causal pass stay on vLLM's kernel.
 
-The reference reads the cache through the ``"cpu"`` views, which match the ``vec``/``vec16`` ISAs; for
+It reads the cache through the ``"cpu"`` views, which match the ``vec``/``vec16`` ISAs; for
 a ddtree engine the ``amx`` ISA (bf16 on AMX machines, pair-packed) is therefore replaced by ``vec``.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.adapter.runner import ACTIVE_TREE_ATTENTION, count_tree_attention_call
 from vllm_ddtree.kv_commit import paged_kv_views
-from vllm_ddtree.tree_attention import tree_attention_reference
+from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense
 
 ADDRESSABLE_ISAS = ("vec", "vec16")
+_PLAN: list = [None, None]  # (the step's metadata, its dense plan): every layer of a step shares it
 
 
 def required_internals():
@@ -47,8 +48,10 @@ def apply() -> None:
             raise RuntimeError(f"ddtree cannot read the CPU KV cache in ISA {layer.isa!r} layout")
         n = attn_metadata.num_actual_tokens
         keys, values = paged_kv_views(kv_cache, "cpu")
-        tree_attention_reference(query[:n].view(n, self.num_heads, self.head_size), keys, values, tree,
-                                 self.scale, out=output[:n].view(n, self.num_heads, self.head_size))
+        if _PLAN[0] is not tree:
+            _PLAN[:] = [tree, plan_dense(tree, keys.shape[1])]
+        tree_attention_dense(query[:n].view(n, self.num_heads, self.head_size), keys, values, tree, self.scale,
+                             out=output[:n].view(n, self.num_heads, self.head_size), plan=_PLAN[1])
         count_tree_attention_call()
         return output
 
