@@ -131,6 +131,29 @@ def test_stop_tokens(models, reference):
     assert tree[0][0][-1] == stop_token and len(tree[0][0]) <= 6
 
 
+def test_stop_strings(models, reference):
+    from transformers import AutoTokenizer
+
+    target, drafter = models
+    text = AutoTokenizer.from_pretrained(target).decode(reference[0][0][:12])
+    stop = text[len(text) // 2:][:6].strip() or text[-3:]  # a string that ends the first answer midway
+    params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+
+    def run(spec):
+        llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
+                  enforce_eager=True, speculative_config=spec and {"model": drafter, **spec})
+        try:
+            return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in llm.generate(PROMPTS, params,
+                                                                                             use_tqdm=False)]
+        finally:
+            del llm
+            gc.collect()
+
+    plain = run(None)
+    assert stop not in plain[0][0] and len(plain[0][1]) < 12  # it did stop inside the answer
+    assert run({"method": "ddtree", "num_speculative_tokens": 16}) == plain
+
+
 def test_n_samples(models):
     # n > 1 needs sampling: two samples per prompt through the tree verifier, reproducible per seed.
     params = SamplingParams(temperature=0.8, n=2, max_tokens=24, ignore_eos=True, seed=7)
