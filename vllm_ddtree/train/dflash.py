@@ -191,38 +191,57 @@ def slot_weights(block_size: int, decay: float) -> torch.Tensor:
     return torch.where(k == 0, 0.0, torch.exp(-(k - 1) / decay))
 
 
-def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_per_step: int = 16,
-                  lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0) -> DFlashDrafter:
-    """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
-    the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``."""
-    torch.manual_seed(seed)
+def extract_features(target, sequences, layer_ids) -> list[torch.Tensor]:
+    """The drafter's context features of each sequence: ``[T, len(layer_ids) * H]`` in the target's dtype."""
     target.eval().requires_grad_(False)
-    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     feats = []
     with torch.no_grad():
         for tokens, _ in sequences:
             hs = target(tokens.unsqueeze(0), output_hidden_states=True).hidden_states
-            feats.append(torch.cat([hs[i + 1][0] for i in config.target_layer_ids], -1))
+            feats.append(torch.cat([hs[i + 1][0] for i in layer_ids], -1))
+    return feats
+
+
+def _autocast(features: list[torch.Tensor]):
+    # bf16 features come from a bf16 target: train in bf16 too (AMX on CPU, tensor cores on GPU).
+    enabled = bool(features) and features[0].dtype == torch.bfloat16
+    return torch.autocast(features[0].device.type if features else "cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_per_step: int = 16,
+                  lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0,
+                  sequences_per_step: int = 1, features: list[torch.Tensor] | None = None) -> DFlashDrafter:
+    """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
+    the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
+    Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences."""
+    torch.manual_seed(seed)
+    target.eval().requires_grad_(False)
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    if features is None:
+        features = extract_features(target, sequences, config.target_layer_ids)
     drafter = DFlashDrafter(config)
     for name, p in drafter.named_parameters():
         if p.dim() == 2:
             nn.init.normal_(p, std=0.02)
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     weights = slot_weights(config.block_size, decay)
     gen = torch.Generator().manual_seed(seed)
     S = config.block_size
     usable = [i for i, (t, p) in enumerate(sequences) if len(t) - S > max(p - 1, 1)]
     for step in range(steps):
-        i = usable[int(torch.randint(len(usable), (1,), generator=gen))]
-        tokens, prompt_len = sequences[i]
-        lo, hi = max(prompt_len - 1, 1), len(tokens) - S  # anchors in the response, full blocks only
-        anchors = torch.randint(lo, hi + 1, (anchors_per_step,), generator=gen)
-        block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, config.mask_token_id)
-        hidden = drafter(embed(block_tokens), positions, feats[i], torch.arange(len(tokens)), mask)
-        logits = head(hidden).float()
-        loss_per = F.cross_entropy(logits, labels.flatten(), reduction="none").view(-1, S)
-        loss = (loss_per * weights).sum() / (weights.sum() * len(anchors))
+        loss = 0.0
+        for _ in range(sequences_per_step):
+            i = usable[int(torch.randint(len(usable), (1,), generator=gen))]
+            tokens, prompt_len = sequences[i]
+            lo, hi = max(prompt_len - 1, 1), len(tokens) - S  # anchors in the response, full blocks only
+            anchors = torch.randint(lo, hi + 1, (anchors_per_step,), generator=gen)
+            block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, config.mask_token_id)
+            with _autocast(features):
+                hidden = drafter(embed(block_tokens), positions, features[i], torch.arange(len(tokens)), mask)
+                logits = head(hidden)
+            loss_per = F.cross_entropy(logits.float(), labels.flatten(), reduction="none").view(-1, S)
+            loss = loss + (loss_per * weights).sum() / (weights.sum() * len(anchors) * sequences_per_step)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -233,5 +252,30 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
     return drafter
 
 
-__all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "slot_weights", "spread_layer_ids",
-           "train_drafter"]
+@torch.no_grad()
+def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_anchors: int = 64) -> dict:
+    """What a chain would accept on ``sequences``: the drafter's greedy guess at every slot against the
+    target's own text, from up to ``max_anchors`` evenly spaced anchors per response.
+
+    Returns ``slot_accuracy`` (slot 1..S-1, each on its own) and ``chain_tau`` (1 + mean length of the
+    correct prefix of the block: tokens per target step of a greedy chain of S-1 drafts).
+    """
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    S = drafter.c.block_size
+    correct = []
+    for (tokens, prompt_len), feats in zip(sequences, features):
+        lo, hi = max(prompt_len - 1, 1), len(tokens) - S
+        if hi < lo:
+            continue
+        anchors = torch.linspace(lo, hi, min(max_anchors, hi - lo + 1)).round().long().unique()
+        block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, drafter.c.mask_token_id)
+        with _autocast(features):
+            guess = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens)), mask)).argmax(-1)
+        correct.append((guess.view(-1, S) == labels)[:, 1:])
+    correct = torch.cat(correct)
+    accepted = correct.int().cumprod(1).sum(1).float()
+    return {"chain_tau": 1 + accepted.mean().item(), "slot_accuracy": correct.float().mean(0).tolist()}
+
+
+__all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "evaluate_drafter", "extract_features",
+           "slot_weights", "spread_layer_ids", "train_drafter"]

