@@ -95,12 +95,13 @@ def _apply_engine_defaults() -> None:
 
     def _maybe_override_dynamic_sd_cudagraph_mode(self) -> None:
         override_graphs(self)
-        if is_ddtree(self.speculative_config):
-            _refuse_unsupported_cache(self.cache_config)
+        if not is_ddtree(self.speculative_config):
+            return
+        _refuse_unsupported_cache(self.cache_config)
         mode = self.compilation_config.cudagraph_mode
-        if is_ddtree(self.speculative_config) and mode is not None and mode.has_full_cudagraphs():
+        if mode is not None and mode.has_full_cudagraphs():
             log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
-                        "captured graphs)", mode.name)
+                     "captured graphs)", mode.name)
             self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
