@@ -8,7 +8,9 @@ Baselines in the same run, same query rows:
            i.e. what the same rows cost with no tree at all;
   dense  : torch SDPA with the dense boolean tree mask over contiguous K/V (what a port without a tree
            kernel falls back to).
-Ratios: tree / causal (goal <= 1.25 at N = 65, context >= 4k) and dense / tree (goal >= 5).
+Ratios: tree / causal (goal <= 1.25 at N = 65, context >= 4k) and dense / tree (goal >= 5), for the
+kernel's defaults; ``--configs`` adds columns for other launch settings, each written
+``block_n/block_q/num_warps/num_stages`` (``-`` keeps a default), e.g. ``64/16/8/3``.
 
 ``--smoke`` runs tiny shapes on CPU (through the Triton interpreter) to check the script itself;
 its times mean nothing. Absolute figures only from a GPU.
@@ -68,6 +70,8 @@ def main():
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 33, 65, 129])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--configs", nargs="+", default=["64/-/-/-"],
+                        help="launch settings block_n/block_q/num_warps/num_stages to time (first: the ratios)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the interpreter")
     args = parser.parse_args()
     if args.smoke:
@@ -81,7 +85,13 @@ def main():
     gen = torch.Generator().manual_seed(0)
     print_header()
     print(f"head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, {dtype}, KV block {PAGE}; median of {args.repeats}\n")
-    print(f"{'batch':>5} {'context':>7} {'rows':>4} {'tree us':>9} {'causal us':>9} {'dense us':>9} "
+    def settings(config):
+        names = ("block_n", "block_q", "num_warps", "num_stages")
+        return {k: int(v) for k, v in zip(names, config.split("/")) if v != "-"}
+
+    configs = [settings(c) for c in args.configs]
+    tiles = "".join(f" {c:>12}" for c in args.configs)
+    print(f"{'batch':>5} {'context':>7} {'rows':>4}{tiles} {'causal us':>9} {'dense us':>9} "
           f"{'tree/causal':>11} {'dense/tree':>10}")
     scale = HEAD_DIM ** -0.5
     for batch in args.batch:
@@ -92,14 +102,16 @@ def main():
                 except torch.OutOfMemoryError:
                     print(f"{batch:>5} {context:>7} {rows:>4}  out of memory")
                     continue
-                t_tree = timed(lambda: tree_attention(q, k, v, meta, scale), args.repeats)
+                t_trees = [timed(lambda: tree_attention(q, k, v, meta, scale, **c), args.repeats) for c in configs]
+                t_tree = t_trees[0]
                 # Causal rows at the end of the context: SDPA's bottom-right aligned causal mask.
                 causal_bias = causal_lower_right(rows, context + rows)
                 t_causal = timed(lambda: F.scaled_dot_product_attention(dq, dk, dv, attn_mask=causal_bias, scale=scale,
                                                                         enable_gqa=True), args.repeats)
                 t_dense = timed(lambda: F.scaled_dot_product_attention(dq, dk, dv, attn_mask=mask, scale=scale,
                                                                        enable_gqa=True), args.repeats)
-                print(f"{batch:>5} {context:>7} {rows:>4} {t_tree * 1e6:>9.1f} {t_causal * 1e6:>9.1f} "
+                trees = "".join(f" {t * 1e6:>12.1f}" for t in t_trees)
+                print(f"{batch:>5} {context:>7} {rows:>4}{trees} {t_causal * 1e6:>9.1f} "
                       f"{t_dense * 1e6:>9.1f} {t_tree / t_causal:>11.2f} {t_dense / t_tree:>10.2f}", flush=True)
                 del q, k, v, meta, dq, dk, dv, mask
 

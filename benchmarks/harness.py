@@ -31,6 +31,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def cuda_graphed(fn):
+    """``fn`` captured once in a CUDA graph; returns the graph's replay. Raises if ``fn`` cannot be
+    captured (a host sync or a data-dependent shape inside it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: allocator pools, Triton compiles
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def print_header() -> None:
     import triton
 

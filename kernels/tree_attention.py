@@ -48,7 +48,8 @@ def tree_attention_kernel(
     GROUP: tl.constexpr,           # query heads per KV head
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = BLOCK_Q * GROUP rounded up to a power of 2
-    PAGE: tl.constexpr,            # KV block size: one page per iteration
+    PAGE: tl.constexpr,            # KV block size
+    BLOCK_N: tl.constexpr,         # keys per iteration: a multiple of PAGE or a divisor of it
     COMPUTE_DTYPE: tl.constexpr,   # input dtype on GPU; float32 under the interpreter (its bf16 is wrong)
 ):
     tile = tl.program_id(0)
@@ -87,16 +88,17 @@ def tree_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    n = tl.arange(0, PAGE)
-    for start in range(0, key_end, PAGE):
-        block = tl.load(block_table_ptr + req * stride_bt + start // PAGE)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(0, key_end, BLOCK_N):
         key = start + n
         key_ok = key < key_end
-        k = tl.load(k_ptr + block * stride_k_block + n[None, :] * stride_k_slot + kv_head * stride_k_head
-                    + d[:, None] * stride_k_dim,
+        # Each key's own page: an iteration may span several KV blocks, which need not be adjacent.
+        block = tl.load(block_table_ptr + req * stride_bt + key // PAGE, mask=key_ok, other=0).to(tl.int64)
+        slot = block * stride_k_block + (key % PAGE) * stride_k_slot
+        k = tl.load(k_ptr + slot[None, :] + kv_head * stride_k_head + d[:, None] * stride_k_dim,
                     mask=key_ok[None, :] & d_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
         s = tl.dot(q, k, out_dtype=tl.float32) * scale
-        if start + PAGE > context:  # only pages that hold this step's rows need the mask
+        if start + BLOCK_N > context:  # only key tiles that hold this step's rows need the mask
             causal = key[None, :] <= (context + row)[:, None]
             bit_index = tl.maximum(key - tree_base, 0)
             in_tree = is_tree_row[:, None] & (key >= tree_base)[None, :]
@@ -114,8 +116,8 @@ def tree_attention_kernel(
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + block * stride_v_block + n[:, None] * stride_v_slot + kv_head * stride_v_head
-                    + d[None, :] * stride_v_dim,
+        v_slot = block * stride_v_block + (key % PAGE) * stride_v_slot
+        v = tl.load(v_ptr + v_slot[:, None] + kv_head * stride_v_head + d[None, :] * stride_v_dim,
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, out_dtype=tl.float32)
         m_i = m_new

@@ -90,7 +90,8 @@ def test_overlapping_path_reads_before_writes(device):
     # Path 0 -> 2 -> 5 -> 6: node 2 moves to slot 1 while node 5 moves into slot 2 and 6 into 3.
     cache = torch.arange(2 * 8 * 4 * 1 * 2, dtype=torch.float32).view(2, 8, 4, 1, 2)
     accepted = torch.tensor([[0, 2, 5, 6]])
-    plan = plan_commit(torch.tensor([[3, 1, 0, 2, 4, 5, 6, 7]]), 4, torch.tensor([2]), accepted)
+    plan = plan_commit(torch.tensor([[3, 1, 0, 2, 4, 5, 6, 7]], device=device), 4, torch.tensor([2], device=device),
+                       accepted.to(device))
     for use_triton in (False, True):
         c = cache.clone().to(device)
         views = list(paged_kv_views(c, "flash_attn"))

@@ -67,6 +67,24 @@ def test_kernel_matches_reference_mixed_batch(dtype, group, page, device):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("page", [16, 64])
+def test_key_tiles_spanning_or_splitting_pages(block_n, page, device):
+    # A key tile may cover several scattered KV blocks (block_n > page) or part of one (block_n < page).
+    gen = torch.Generator().manual_seed(block_n + page)
+    query, keys, values, meta = make_batch(MIXED, 15, page, 2, 4, 64, torch.bfloat16, "vllm", gen, device)
+    got = tree_attention(query, keys, values, meta, scale=0.125, block_n=block_n)
+    want = tree_attention_reference(query, keys, values, meta, scale=0.125)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_block_n_must_be_a_power_of_two(device):
+    gen = torch.Generator().manual_seed(0)
+    query, keys, values, meta = make_batch(MIXED[:2], 15, 16, 2, 4, 64, torch.bfloat16, "vllm", gen, device)
+    with pytest.raises(ValueError, match="block_n 48"):
+        tree_attention(query, keys, values, meta, scale=0.125, block_n=48)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("layout", ["vllm", "flash_attn", "cpu"])
 def test_head_dims_and_layouts(head_dim, layout, device):

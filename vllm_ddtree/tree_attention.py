@@ -49,8 +49,11 @@ class TreeAttentionMetadata:
 
 def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
-                   block_q: int | None = None) -> torch.Tensor:
-    """Launches the Triton kernel: see the module docstring."""
+                   block_q: int | None = None, block_n: int = 64, num_warps: int | None = None,
+                   num_stages: int | None = None) -> torch.Tensor:
+    """Launches the Triton kernel: see the module docstring. ``block_n`` keys per inner iteration
+    (a power of two >= 16; it may span several KV blocks); ``num_warps``/``num_stages`` default to
+    Triton's."""
     import triton
     import triton.language as tl
 
@@ -62,6 +65,8 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         raise ValueError(f"{num_heads} query heads do not group over {kv_heads} KV heads")
     if page < 16 or page & (page - 1):
         raise ValueError(f"KV block size {page} is not supported: use a power of two >= 16")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n {block_n} is not a power of two >= 16")
     if query.stride(2) != 1:
         raise ValueError("query needs a contiguous head dimension")
     group = num_heads // kv_heads
@@ -86,7 +91,8 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         meta.block_table.stride(0),
         TREE_ROWS=meta.tree_bits.shape[1], WORDS=meta.tree_bits.shape[2],
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_Q=block_q, BLOCK_M=block_m, PAGE=page, COMPUTE_DTYPE=compute,
+        BLOCK_Q=block_q, BLOCK_M=block_m, PAGE=page, BLOCK_N=block_n, COMPUTE_DTYPE=compute,
+        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
     return out
 

@@ -131,7 +131,7 @@ def processed_logprobs(logits: torch.Tensor, sampling: TreeSampling) -> torch.Te
     V = logits.shape[-1]
     temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)
     x = logits.float() / temperature.view(-1, 1, 1)
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    neg_inf = x.new_full((), float("-inf"))  # a device fill, not a host copy: capturable
 
     probs = x.softmax(-1)
     min_p = sampling.min_p.view(-1, 1, 1)
