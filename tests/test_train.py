@@ -41,7 +41,7 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     from bench_acceptance import humaneval_prompts, mtbench_prompts
 
-    from vllm_ddtree.train.smollm2 import training_prompts
+    from vllm_ddtree.train.smollm2 import EVALUATION_NAME_OVERLAP, training_prompts
 
     prompts = training_prompts()
     assert prompts == training_prompts() and len(prompts) > 1500  # the data cache keys on them
@@ -50,6 +50,10 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     assert len(evaluation) == 164 + 80
     assert not set(prompts) & set(evaluation)
     assert not any(e[len("Complete this Python function:"):].strip()[:60] in p for e in evaluation[:164] for p in prompts)
+    # Shared function names (different functions) are recorded in every recipe.json.
+    def names(texts):
+        return {n for t in texts for n in re.findall(r"def (\w+)\(", t)}
+    assert names(prompts) & names(evaluation[:164]) == set(EVALUATION_NAME_OVERLAP)
 
 
 def test_trained_drafter_drafts_in_vllm(tmp_path):

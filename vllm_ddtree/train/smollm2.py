@@ -106,6 +106,11 @@ def stdlib_function_prompts() -> list[str]:
     return prompts
 
 
+# Function names that both a standard-library stub here and a HumanEval prompt define (with different
+# signatures and docstrings; no prompt text is shared). tests/test_train.py keeps this list true.
+EVALUATION_NAME_OVERLAP = ("encode", "median", "search", "unique")
+
+
 def training_prompts() -> list[str]:
     """About 1,900 prompts: coding tasks, standard-library function stubs, general and math questions."""
     import random
@@ -184,6 +189,9 @@ def main(argv=None) -> int:
                    "data": f"{len(prompts)} prompts (vllm_ddtree.train.smollm2.training_prompts; standard-library "
                            f"stubs from Python {sys.version.split()[0]}), the target's greedy chat answers in vLLM, "
                            f"{args.new_tokens} new tokens at most; every 20th answer held out",
+                   "evaluation_overlap": "no prompt text shared with HumanEval or MT-Bench; the function names "
+                                         f"{', '.join(EVALUATION_NAME_OVERLAP)} appear in both standard-library "
+                                         "stubs and HumanEval prompts, with different signatures and docstrings",
                    "held_out": {k: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
                                 for k, v in quality.items()},
                    "config": config.checkpoint_config()}, f, indent=1)
