@@ -65,7 +65,13 @@ def main():
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the graphed round with build and walk through torch.compile (column 'compiled')")
     args = parser.parse_args()
+    build, walk = build_tree_from_topk, walk_tree
+    if args.compile:
+        build = torch.compile(build_tree_from_topk, fullgraph=True, dynamic=False)
+        walk = torch.compile(walk_tree, fullgraph=True, dynamic=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -73,7 +79,7 @@ def main():
     print_header()
     print(f"D = {DEPTH}, V = {VOCAB}; commit over {LAYERS} layers of {KV_HEADS}x{HEAD_DIM} {dtype}, block {BLOCK_SIZE}")
     print("times per step in microseconds (median); ratio = reference / ours for build+walk+commit\n")
-    header = f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'walk':>9} {'commit':>9} {'ours':>9} {'reference':>10} {'ratio':>7} {'graphed':>9}"
+    header = f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'walk':>9} {'commit':>9} {'ours':>9} {'reference':>10} {'ratio':>7} {'graphed':>9}" + (f" {'compiled':>9}" if args.compile else "")
     print(header)
     for R in args.requests:
         logits = (torch.randn(R, DEPTH, VOCAB, generator=gen) * 4).to(device)
@@ -103,19 +109,25 @@ def main():
             dense = [torch.randn(2, 1024 + B + 1, KV_HEADS, HEAD_DIM, device=device).to(dtype) for _ in range(LAYERS)]
             t_ref = timed(lambda: reference_round(logp, tokens, B, target_tokens, dense, roots.cpu()),
                           max(1, args.repeats // 2))
-            graphed = "-"
+            graphed, compiled = "-", ""
             if device == "cuda":
-                def whole_round():
-                    t = build_tree_from_topk(logp, tokens, B, B)
-                    acc, _ = walk_tree(t, target_tokens)
+                def whole_round(build_fn=build_tree_from_topk, walk_fn=walk_tree):
+                    t = build_fn(logp, tokens, B, B)
+                    acc, _ = walk_fn(t, target_tokens)
                     commit_accepted_kv(views, plan_commit(block_table, BLOCK_SIZE, roots, acc))
-                try:
-                    graphed = f"{timed(cuda_graphed(whole_round), args.repeats) * 1e6:.0f}"
-                except Exception as err:  # a capture failure is a finding: print it in the table
-                    graphed = f"capture failed: {type(err).__name__}: {err}"[:200]
+
+                def graphed_time(fn):
+                    try:
+                        return f"{timed(cuda_graphed(fn), args.repeats) * 1e6:.0f}"
+                    except Exception as err:  # a capture failure is a finding: print it in the table
+                        return f"failed: {type(err).__name__}: {err}"[:200]
+
+                graphed = graphed_time(whole_round)
+                if args.compile:
+                    compiled = " " + f"{graphed_time(lambda: whole_round(build, walk)):>9}"
             us = [x * 1e6 for x in (t_topk, t_build, t_walk, t_commit, ours, t_ref)]
             print(f"{R:>3} {B:>4} " + " ".join(f"{x:>9.0f}" for x in us[:5]) + f" {us[5]:>10.0f} {t_ref / ours:>6.1f}x"
-                  f" {graphed:>9}", flush=True)
+                  f" {graphed:>9}{compiled}", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,24 @@ def test_round_replays_in_a_cuda_graph_as_it_runs_eagerly(temperature):
     assert torch.equal(graphed["attention"], eager["attention"])
     assert torch.equal(x["kv_cache"], eager_cache)
     assert not torch.equal(eager_cache, cache0)
+
+
+def test_compiled_tree_build_and_walk_equal_eager():
+    # torch.compile fuses the build's many small kernels (3x less graphed time on an H200,
+    # benchmarks/RESULTS.md); it must not change a single node.
+    from vllm_ddtree.tree import build_tree_from_topk, draft_topk
+    from vllm_ddtree.verify import walk_tree
+
+    build = torch.compile(build_tree_from_topk, fullgraph=True, dynamic=False)
+    walk = torch.compile(walk_tree, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        logits = (torch.randn(8, DEPTH, VOCAB, generator=gen) * 3).to("cuda")
+        logp, tokens = draft_topk(logits, 64)
+        want, got = build_tree_from_topk(logp, tokens, 64, 64), build(logp, tokens, 64, 64)
+        for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        target = torch.randint(0, VOCAB, (8, 65), generator=gen).to("cuda")
+        target[:, 0] = want.token_ids[:, 0]  # the first node matches, so walks leave the root
+        for a, b in zip(walk(want, target), walk_tree(want, target)):
+            assert torch.equal(a, b)
