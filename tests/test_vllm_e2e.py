@@ -89,6 +89,14 @@ def test_scheduler_features(models, reference):
     assert tokens == [[seq[0][:7]] for seq in reference]
 
 
+def test_budget_below_the_drafter_depth_with_a_full_batch(models, reference):
+    # The drafter drafts D = 7 rows per request whatever B is; with B = 1 < D its query rows and the
+    # scheduler's drafting slots must be sized for D (a full batch once overran vLLM's buffers).
+    tokens, _ = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 1},
+                         max_num_seqs=8, max_num_batched_tokens=48, enable_chunked_prefill=True)
+    assert tokens == reference
+
+
 def test_preemption(models, reference):
     # 12 blocks of 32 slots for 8 requests of up to ~90 tokens (+ lookahead): the scheduler must
     # preempt and recompute, and trees must survive it.

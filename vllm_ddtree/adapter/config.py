@@ -38,6 +38,8 @@ def required_internals():
          hasattr(engine, "_maybe_override_dynamic_sd_cudagraph_mode")),
         ("vllm.config.speculative.SpeculativeConfig.__post_init__", hasattr(cls, "__post_init__")),
         ("SpeculativeConfig field 'method'", "method" in getattr(cls, "__dataclass_fields__", {})),
+        ("SpeculativeConfig.max_num_new_slots_for_drafting", isinstance(
+            getattr(cls, "max_num_new_slots_for_drafting", None), property)),
         ("'dflash' in the method Literal", "dflash" in _literal_values(getattr(speculative, "SpeculativeMethod", None))),
     ]
 
@@ -69,6 +71,14 @@ def apply() -> None:
         self.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
 
     cls.__post_init__ = __post_init__
+    slots = cls.max_num_new_slots_for_drafting.fget
+
+    def max_num_new_slots_for_drafting(self) -> int:
+        # The scheduler keeps this many slots per request for the drafter's pass, which adds D query
+        # rows per request (DFlash's K), whatever the tree budget B is.
+        return self.ddtree_depth if is_ddtree(self) else slots(self)
+
+    cls.max_num_new_slots_for_drafting = property(max_num_new_slots_for_drafting)
     rebuild_dataclass(cls, force=True)
     cls._ddtree_patched = True
     _apply_engine_defaults()

@@ -24,9 +24,20 @@ from vllm_ddtree.tree import build_tree
 
 class DDTreeProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
-        super().__init__(vllm_config, device, runner)
         spec = vllm_config.speculative_config
         self.ddtree = is_ddtree(spec)
+        if self.ddtree:
+            # DFlash sizes its query buffers for num_speculative_tokens rows per request; the drafter
+            # always drafts D rows, and B may be smaller (a full batch would overrun them). Only the
+            # proposer sees D: the scheduler and the verifier keep B.
+            budget = spec.num_speculative_tokens
+            spec.__dict__["num_speculative_tokens"] = spec.ddtree_depth
+            try:
+                super().__init__(vllm_config, device, runner)
+            finally:
+                spec.__dict__["num_speculative_tokens"] = budget
+        else:
+            super().__init__(vllm_config, device, runner)
         if self.ddtree:
             from vllm_ddtree.adapter.runner import DDTreeState
 
