@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--sets", nargs="+", default=["humaneval", "mt-bench"], choices=["humaneval", "mt-bench"])
     parser.add_argument("--dtype", default="bfloat16", help="the target's dtype (bf16: the CPU's AMX units)")
     parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--no-chain", action="store_true",
+                        help="skip the dflash chain row (e.g. when an earlier run has it); no ratios then")
     parser.add_argument("--json", default=None, help="append each row to this JSON-lines file")
     args = parser.parse_args()
     if args.target is None:
@@ -114,7 +116,8 @@ def main():
             greedy = temperature == 0
             ar, _, ar_gaps = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype,
                                  logprobs=TOP_LOGPROBS if greedy else None)
-            rows = [("AR", None)] + [("dflash", {"method": "dflash", "num_speculative_tokens": depth})] + [
+            chain = [] if args.no_chain else [("dflash", {"method": "dflash", "num_speculative_tokens": depth})]
+            rows = [("AR", None)] + chain + [
                 (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}) for b in args.budgets]
             chain_tau = None
             for label, spec in rows:

@@ -127,3 +127,21 @@ def _chi_square_p(seqs, expected, vocab):
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return stats.chisquare(obs, exp).pvalue
+
+
+def test_host_flags_skip_work_without_changing_tokens():
+    # all_greedy (argmax only) and truncated=False (no vocabulary sort) are shortcuts, not new rules.
+    from dataclasses import replace
+
+    from vllm_ddtree.verify import sample_target_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 9, 300, generator=gen) * 3
+    positions = torch.arange(9).expand(4, -1) + 17
+    for temperature in (0.0, 0.7, 1.0):
+        sampling = TreeSampling.uniform(4, temperature, seeds=torch.arange(4) * 11)
+        assert sampling.all_greedy == (temperature == 0) and not sampling.truncated
+        general = replace(sampling, all_greedy=False, truncated=True)
+        assert torch.equal(sample_target_tokens(logits, sampling, positions),
+                           sample_target_tokens(logits, general, positions))
+    assert TreeSampling.uniform(4, 1.0, top_p=0.9).truncated and TreeSampling.uniform(4, 1.0, top_k=5).truncated

@@ -36,6 +36,11 @@ class TreeSampling:
 
     ``temperature`` 0 means greedy; ``top_k`` <= 0 or >= V, ``top_p`` >= 1 and ``min_p`` <= 0 turn that
     filter off. ``seeds`` key the noise; an unseeded request should get a fresh random seed each step.
+
+    Two host-side facts, known without reading the tensors (vLLM's sampling metadata has them), let a
+    step skip work it does not need: ``all_greedy`` (every request has T = 0: an argmax is the whole
+    verdict, no noise, no sort) and ``truncated`` (some request may use top-k or top-p: only then is
+    the vocabulary sorted). The defaults assume the general case.
     """
 
     temperature: torch.Tensor
@@ -43,6 +48,8 @@ class TreeSampling:
     top_p: torch.Tensor
     min_p: torch.Tensor
     seeds: torch.Tensor
+    all_greedy: bool = False
+    truncated: bool = True
 
     @classmethod
     def greedy(cls, num_requests: int, device=None) -> "TreeSampling":
@@ -57,7 +64,8 @@ class TreeSampling:
         if seeds is None:
             seeds = torch.arange(num_requests, device=device)
         return cls(full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
-                   full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64))
+                   full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64),
+                   all_greedy=temperature <= 0, truncated=0 < top_k or top_p < 1)
 
 
 @dataclass
@@ -119,6 +127,8 @@ def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions
     """One token per row of ``logits [R, N, V]``: argmax where T = 0, else an exponential-race sample
     from the processed distribution with noise keyed by (seed, ``positions [R, N]``, token)."""
     greedy = logits.argmax(-1)
+    if sampling.all_greedy:
+        return greedy
     logprobs = processed_logprobs(logits, sampling)
     noise = counter_uniform(sampling.seeds, positions, logits.shape[-1])
     gumbel = -torch.log(-torch.log(noise))
@@ -136,6 +146,8 @@ def processed_logprobs(logits: torch.Tensor, sampling: TreeSampling) -> torch.Te
     probs = x.softmax(-1)
     min_p = sampling.min_p.view(-1, 1, 1)
     x = torch.where(probs < min_p * probs.amax(-1, keepdim=True), neg_inf, x)
+    if not sampling.truncated:
+        return x.log_softmax(-1)
 
     ascending, order = x.sort(-1)
     k = torch.where((sampling.top_k <= 0) | (sampling.top_k >= V), V, sampling.top_k)

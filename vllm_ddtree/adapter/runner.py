@@ -190,7 +190,8 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
     for index, generator in meta.generators.items():
         if index < num_reqs:
             seeds[index] = generator.initial_seed()
-    return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds)
+    return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
+                        truncated=meta.top_k is not None or meta.top_p is not None)
 
 
 def _refuse_unsupported_sampling(meta) -> None:
