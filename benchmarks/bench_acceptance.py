@@ -53,8 +53,10 @@ def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None):
     llm = LLM(model=target, dtype=dtype, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
               seed=0, disable_log_stats=False, speculative_config=spec)
     try:
-        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=i, logprobs=logprobs)
-                  for i in range(len(prompts))]
+        # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
+        # chunked ("CPU Generator does not use offset"); the engine seed keeps runs reproducible.
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs)
+                  for _ in prompts]
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         gaps = [[_top_logprobs(step) for step in o.outputs[0].logprobs] for o in outputs] if logprobs else None
