@@ -26,18 +26,16 @@ class DDTreeProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         spec = vllm_config.speculative_config
         self.ddtree = is_ddtree(spec)
+        # DFlash sizes its query buffers for num_speculative_tokens rows per request; the drafter
+        # always drafts D rows, and B may be smaller (a full batch would overrun them). Only the
+        # proposer sees D: the scheduler and the verifier keep B.
+        budget = spec.num_speculative_tokens
         if self.ddtree:
-            # DFlash sizes its query buffers for num_speculative_tokens rows per request; the drafter
-            # always drafts D rows, and B may be smaller (a full batch would overrun them). Only the
-            # proposer sees D: the scheduler and the verifier keep B.
-            budget = spec.num_speculative_tokens
             spec.__dict__["num_speculative_tokens"] = spec.ddtree_depth
-            try:
-                super().__init__(vllm_config, device, runner)
-            finally:
-                spec.__dict__["num_speculative_tokens"] = budget
-        else:
+        try:
             super().__init__(vllm_config, device, runner)
+        finally:
+            spec.__dict__["num_speculative_tokens"] = budget
         if self.ddtree:
             from vllm_ddtree.adapter.runner import DDTreeState
 
