@@ -8,7 +8,7 @@ from oracle import exact_distribution, processed_probs_numpy
 
 from vllm_ddtree.toy import MarkovTarget, generate_sequentially, generate_with_trees
 from vllm_ddtree.tree import build_tree
-from vllm_ddtree.verify import TreeSampling, processed_logprobs, verify_tree, walk_tree
+from vllm_ddtree.verify import TreeSampling, processed_weights, verify_tree, walk_tree
 
 
 def reference_walk(token_ids, parents, num_nodes, posterior):
@@ -66,7 +66,8 @@ def test_processing_matches_independent_numpy(top_k, top_p, min_p):
     logits = torch.randn(6, 3, 9, generator=gen) * 2
     logits[0, 0, :4] = 1.0  # ties at the top-k cut
     for temperature in (0.5, 1.0):
-        got = processed_logprobs(logits, TreeSampling.uniform(6, temperature, top_k, top_p, min_p)).exp()
+        weights = processed_weights(logits, TreeSampling.uniform(6, temperature, top_k, top_p, min_p))
+        got = weights / weights.sum(-1, keepdim=True)
         for r in range(6):
             for n in range(3):
                 want = processed_probs_numpy(logits[r, n].double().numpy(), temperature, top_k, top_p, min_p)
@@ -84,7 +85,7 @@ PARAMS = {0.5: (4, 0.9, 0.0), 1.0: (0, 0.85, 0.05)}
 @pytest.mark.parametrize("shape", sorted(TREES))
 @pytest.mark.parametrize("temperature", sorted(PARAMS))
 def test_seeded_output_equals_sequential_sampling(shape, temperature):
-    # The noise is keyed by (seed, position, token), so a tree round must emit exactly what
+    # The noise is keyed by (seed, position), so a tree round must emit exactly what
     # sequential sampling emits for the same seeds, whatever the tree looks like.
     target = MarkovTarget(vocab=6, seed=1)
     depth, budget, sharp = TREES[shape]
@@ -130,7 +131,8 @@ def _chi_square_p(seqs, expected, vocab):
 
 
 def test_host_flags_skip_work_without_changing_tokens():
-    # all_greedy (argmax only) and truncated=False (no vocabulary sort) are shortcuts, not new rules.
+    # all_greedy (argmax only), truncated=False (no vocabulary sort) and uses_min_p=False are
+    # shortcuts, not new rules.
     from dataclasses import replace
 
     from vllm_ddtree.verify import sample_target_tokens
@@ -140,8 +142,9 @@ def test_host_flags_skip_work_without_changing_tokens():
     positions = torch.arange(9).expand(4, -1) + 17
     for temperature in (0.0, 0.7, 1.0):
         sampling = TreeSampling.uniform(4, temperature, seeds=torch.arange(4) * 11)
-        assert sampling.all_greedy == (temperature == 0) and not sampling.truncated
-        general = replace(sampling, all_greedy=False, truncated=True)
+        assert sampling.all_greedy == (temperature == 0) and not sampling.truncated and not sampling.uses_min_p
+        general = replace(sampling, all_greedy=False, truncated=True, uses_min_p=True)
         assert torch.equal(sample_target_tokens(logits, sampling, positions),
                            sample_target_tokens(logits, general, positions))
     assert TreeSampling.uniform(4, 1.0, top_p=0.9).truncated and TreeSampling.uniform(4, 1.0, top_k=5).truncated
+    assert TreeSampling.uniform(4, 1.0, min_p=0.1).uses_min_p

@@ -10,9 +10,10 @@ Out: :class:`TreeVerdict`: ``target_tokens [R, B+1]``, ``accepted_nodes [R, D+1]
 Why it is lossless: every node gets one token from the target's own processed distribution at that
 node (argmax at T = 0). Walking from the root, we move to the child that carries the target's token,
 if the tree has one. The emitted tokens are then exactly a sequential sample from the target: each is
-the target's sample given the tokens before it. The noise of a sample is keyed by (seed, position of
-the sampled token, token id): the nodes on one path sit at distinct positions, so their noises are
-independent, and a request's output depends on its seed and its context only, not on the tree.
+the target's sample given the tokens before it. A sample is the inverse CDF of the node's processed
+distribution at one uniform keyed by (seed, position of the sampled token): the nodes on one path sit
+at distinct positions, so their uniforms are independent, and a request's output depends on its seed
+and its context only, not on the tree.
 
 Processing order follows vLLM's sampler: temperature, min-p, top-k, top-p. Ties at the top-k cut are
 all kept; top-p drops the low tail whose mass is at most 1 - p and always keeps the best token.
@@ -37,10 +38,10 @@ class TreeSampling:
     ``temperature`` 0 means greedy; ``top_k`` <= 0 or >= V, ``top_p`` >= 1 and ``min_p`` <= 0 turn that
     filter off. ``seeds`` key the noise; an unseeded request should get a fresh random seed each step.
 
-    Two host-side facts, known without reading the tensors (vLLM's sampling metadata has them), let a
-    step skip work it does not need: ``all_greedy`` (every request has T = 0: an argmax is the whole
-    verdict, no noise, no sort) and ``truncated`` (some request may use top-k or top-p: only then is
-    the vocabulary sorted). The defaults assume the general case.
+    Host-side facts, known without reading the tensors (vLLM's sampling metadata has them), let a step
+    skip work it does not need: ``all_greedy`` (every request has T = 0: an argmax is the whole
+    verdict), ``truncated`` (some request may use top-k or top-p: only then is the vocabulary sorted)
+    and ``uses_min_p`` (some request may have min-p > 0). The defaults assume the general case.
     """
 
     temperature: torch.Tensor
@@ -50,6 +51,7 @@ class TreeSampling:
     seeds: torch.Tensor
     all_greedy: bool = False
     truncated: bool = True
+    uses_min_p: bool = True
 
     @classmethod
     def greedy(cls, num_requests: int, device=None) -> "TreeSampling":
@@ -65,7 +67,7 @@ class TreeSampling:
             seeds = torch.arange(num_requests, device=device)
         return cls(full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
                    full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64),
-                   all_greedy=temperature <= 0, truncated=0 < top_k or top_p < 1)
+                   all_greedy=temperature <= 0, truncated=0 < top_k or top_p < 1, uses_min_p=min_p > 0)
 
 
 @dataclass
@@ -124,54 +126,56 @@ def _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted):
 
 
 def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits [R, N, V]``: argmax where T = 0, else an exponential-race sample
-    from the processed distribution with noise keyed by (seed, ``positions [R, N]``, token)."""
+    """One token per row of ``logits [R, N, V]``: argmax where T = 0, else an inverse-CDF sample from
+    the processed distribution at one uniform keyed by (seed, ``positions [R, N]``).
+
+    Inverse CDF instead of a Gumbel/exponential race: the race needs V keyed noises per row (on two
+    CPU cores that hash cost 6 s per step at 164 requests x 17 rows), the CDF needs one.
+    """
     greedy = logits.argmax(-1)
     if sampling.all_greedy:
         return greedy
-    logprobs = processed_logprobs(logits, sampling)
-    noise = counter_uniform(sampling.seeds, positions, logits.shape[-1])
-    gumbel = -torch.log(-torch.log(noise))
-    sampled = (logprobs + gumbel).argmax(-1)
+    cdf = processed_weights(logits, sampling).cumsum(-1)
+    # First token whose cumulative weight reaches u * total. u > 0, so a zero-weight token never
+    # reaches it before an earlier positive one (and the first token only if it has weight), and
+    # u < 1 keeps the target at or below the last entry, so the index stays in range. The CDF runs in
+    # vocabulary order whatever the processing did, so a token depends on its request alone.
+    target = counter_uniform(sampling.seeds, positions) * cdf[..., -1]
+    sampled = torch.searchsorted(cdf, target.unsqueeze(-1)).squeeze(-1)
     return torch.where((sampling.temperature <= 0).unsqueeze(1), greedy, sampled)
 
 
-def processed_logprobs(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:
-    """Log-probs after temperature, min-p, top-k and top-p (vLLM's order); masked tokens are -inf."""
+def processed_weights(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:
+    """Unnormalised probabilities after temperature, min-p, top-k and top-p (vLLM's order), in
+    vocabulary order; masked tokens weigh 0."""
     V = logits.shape[-1]
     temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)
-    x = logits.float() / temperature.view(-1, 1, 1)
-    neg_inf = x.new_full((), float("-inf"))  # a device fill, not a host copy: capturable
-
-    probs = x.softmax(-1)
-    min_p = sampling.min_p.view(-1, 1, 1)
-    x = torch.where(probs < min_p * probs.amax(-1, keepdim=True), neg_inf, x)
+    probs = (logits.float() / temperature.view(-1, 1, 1)).softmax(-1)
+    zero = probs.new_zeros(())  # a device fill, not a host copy: capturable
+    if sampling.uses_min_p:
+        probs = torch.where(probs < sampling.min_p.view(-1, 1, 1) * probs.amax(-1, keepdim=True), zero, probs)
     if not sampling.truncated:
-        return x.log_softmax(-1)
+        return probs
 
-    ascending, order = x.sort(-1)
+    ascending, order = probs.sort(-1)
     k = torch.where((sampling.top_k <= 0) | (sampling.top_k >= V), V, sampling.top_k)
-    kth_largest = ascending.gather(-1, (V - k).view(-1, 1, 1).expand(-1, x.shape[1], 1))
-    ascending = torch.where(ascending < kth_largest, neg_inf, ascending)
-    tail_mass = ascending.softmax(-1).cumsum(-1)
-    drop = tail_mass <= (1 - sampling.top_p).view(-1, 1, 1)
+    kth_largest = ascending.gather(-1, (V - k).view(-1, 1, 1).expand(-1, probs.shape[1], 1))
+    ascending = torch.where(ascending < kth_largest, zero, ascending)  # ties at the cut are kept
+    tail_mass = ascending.cumsum(-1)
+    drop = tail_mass <= (1 - sampling.top_p).view(-1, 1, 1) * tail_mass[..., -1:]
     drop[..., -1] = False
-    ascending = torch.where(drop, neg_inf, ascending)
-    x = torch.empty_like(x).scatter_(-1, order, ascending)
-    return x.log_softmax(-1)
+    return torch.empty_like(probs).scatter_(-1, order, torch.where(drop, zero, ascending))
 
 
-def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform (0, 1) noise ``[R, N, V]``, a pure function of (seed, position, token id).
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) noise ``[R, N]``, a pure function of (seed, position).
 
     A counter-based hash instead of a generator: no state to carry across steps, nothing that depends
     on how many rows a step verifies, one fused expression for the whole batch.
     """
     seeds = seeds.to(torch.int64)
     key = _mix32((seeds & _MASK32) ^ _mix32((seeds >> 32) & _MASK32))
-    key = _mix32(key.unsqueeze(1) ^ (positions.to(torch.int64) & _MASK32))
-    token = torch.arange(vocab, device=positions.device, dtype=torch.int64)
-    h = _mix32(key.unsqueeze(2) ^ _mix32((token + 0x9E3779B9) & _MASK32))
+    h = _mix32(key.unsqueeze(1) ^ _mix32((positions.to(torch.int64) + 0x9E3779B9) & _MASK32))
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 

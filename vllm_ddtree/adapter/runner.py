@@ -190,8 +190,9 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
     for index, generator in meta.generators.items():
         if index < num_reqs:
             seeds[index] = generator.initial_seed()
+    # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
-                        truncated=meta.top_k is not None or meta.top_p is not None)
+                        truncated=meta.top_k is not None or meta.top_p is not None, uses_min_p=False)
 
 
 def _refuse_unsupported_sampling(meta) -> None:
