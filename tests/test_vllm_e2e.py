@@ -172,8 +172,9 @@ def test_n_samples(models):
 
 
 def test_seeded_sampling_is_reproducible(models):
-    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s)
-              for s in range(len(PROMPTS))]
+    # Seeds past 2**63 (torch stores them as uint64) must key the noise too, not overflow it.
+    seeds = list(range(len(PROMPTS) - 2)) + [2**64 - 1, 2**63]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s) for s in seeds]
     spec = {"method": "ddtree", "num_speculative_tokens": 16}
     first, _ = generate(models, params=params, spec=spec)
     second, _ = generate(models, params=params, spec=spec)
