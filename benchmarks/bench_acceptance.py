@@ -9,6 +9,12 @@ between its own token and the other run's token at the first position where they
 not a bug, when it is within the dtype's rounding).
 Acceptance does not depend on hardware, so CPU figures are real figures for it.
 
+The chain row is vLLM's own ``"dflash"`` method by default (``--chain dflash``). ``--chain top1`` drafts
+the same drafter's argmax chain as a ddtree tree instead (B = D, one child per node) and verifies it
+with ddtree's sampler: with a one-hot draft, accepting a draft token when the target's sample equals
+it is what rejection sampling does, so its tau is the chain's. Use it for sampled rows on vLLM's CPU
+build, whose chain rejection sampler is not lossless (its T = 1 output is noise that never stops).
+
 Usage: ``python benchmarks/bench_acceptance.py --drafter drafters/smollm2-dflash-b16 [--limit N]``
 (``--limit`` takes the first N prompts of each set; ``--target`` defaults to SmolLM2-135M-Instruct).
 """
@@ -16,6 +22,7 @@ Usage: ``python benchmarks/bench_acceptance.py --drafter drafters/smollm2-dflash
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import importlib.util
@@ -45,6 +52,27 @@ def mtbench_prompts() -> list[str]:
                         "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
     with open(path) as f:
         return [json.loads(line)["turns"][0] for line in f]
+
+
+@contextlib.contextmanager
+def top1_chain_trees():
+    """Makes ddtree's proposer draft the drafter's argmax chain; the engine must run in this process."""
+    from vllm_ddtree.adapter import proposer
+
+    original, calls = proposer.build_tree, [0]
+
+    def chain(draft_logits, budget):
+        calls[0] += 1
+        return original(draft_logits, budget, max_children=1)
+
+    proposer.build_tree = chain
+    try:
+        yield
+    finally:
+        proposer.build_tree = original
+    if calls[0] == 0:
+        raise RuntimeError("the top-1 chain was never drafted: the engine ran in another process "
+                           "(unset VLLM_ENABLE_V1_MULTIPROCESSING)")
 
 
 def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None):
@@ -91,14 +119,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--drafter", required=True)
     parser.add_argument("--target", default=None)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--budgets", type=int, nargs="*", default=[8, 16, 32, 64])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--sets", nargs="+", default=["humaneval", "mt-bench"], choices=["humaneval", "mt-bench"])
     parser.add_argument("--dtype", default="bfloat16", help="the target's dtype (bf16: the CPU's AMX units)")
     parser.add_argument("--limit", type=int, default=0)
-    parser.add_argument("--no-chain", action="store_true",
-                        help="skip the dflash chain row (e.g. when an earlier run has it); no ratios then")
+    parser.add_argument("--chain", choices=["dflash", "top1", "none"], default="dflash",
+                        help="the chain row: vLLM's dflash method, the drafter's top-1 chain verified by ddtree "
+                             "(see the module docstring), or none (e.g. when an earlier run has it; no ratios then)")
     parser.add_argument("--json", default=None, help="append each row to this JSON-lines file")
     args = parser.parse_args()
     if args.target is None:
@@ -118,7 +147,9 @@ def main():
             greedy = temperature == 0
             ar, _, ar_gaps = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype,
                                  logprobs=TOP_LOGPROBS if greedy else None)
-            chain = [] if args.no_chain else [("dflash", {"method": "dflash", "num_speculative_tokens": depth})]
+            chain = {"dflash": [("dflash", {"method": "dflash", "num_speculative_tokens": depth})],
+                     "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth})],
+                     "none": []}[args.chain]
             rows = [("AR", None)] + chain + [
                 (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}) for b in args.budgets]
             chain_tau = None
@@ -127,12 +158,13 @@ def main():
                 if spec is None:
                     steps, tau = sum(len(t) for t in ar), 1.0
                 else:
-                    tokens, m, _ = run(args.target, prompts, temperature, args.max_tokens,
-                                       {"model": args.drafter, **spec}, args.dtype)
+                    with top1_chain_trees() if label == "top-1 chain" else contextlib.nullcontext():
+                        tokens, m, _ = run(args.target, prompts, temperature, args.max_tokens,
+                                           {"model": args.drafter, **spec}, args.dtype)
                     steps = m["vllm:spec_decode_num_drafts"]
                     tau = 1 + (m["vllm:spec_decode_num_accepted_tokens"] or 0) / max(steps, 1)
                     gaps = divergence_gaps(tokens, ar, ar_gaps) if greedy else []
-                if label == "dflash":
+                if label in ("dflash", "top-1 chain"):
                     chain_tau = tau
                 ratio = f"{tau / chain_tau:.2f}x" if chain_tau else "-"
                 # "= AR": outputs equal to autoregressive ones, or how many differ and the largest

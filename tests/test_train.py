@@ -2,11 +2,13 @@
 
 The last test is the architecture check: a drafter trained here in plain torch, saved in the z-lab
 format and loaded by vLLM's own DFlash model, must draft what it learned (deep acceptance), and
-ddtree's output must still equal the target's.
+ddtree's output must still equal the target's. It also checks the acceptance benchmark's top-1 chain
+baseline against vLLM's dflash chain on that drafter.
 """
 
 import gc
 import os
+import sys
 
 import torch
 
@@ -106,3 +108,16 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
     assert tokens == reference
     tau = 1 + metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_drafts"]
     assert tau >= 4.0, tau  # D = 7: a drafter that learned nothing gets ~1
+
+    # The acceptance benchmark's sampled chain baseline, the drafter's argmax chain as a ddtree tree,
+    # must take exactly vLLM's dflash steps at T = 0: same outputs, drafts and accepted tokens.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from bench_acceptance import top1_chain_trees
+
+    chain_spec = {"model": drafter_dir, "num_speculative_tokens": BLOCK_SIZE - 1}
+    chain, chain_metrics = run({"method": "dflash", **chain_spec})
+    with top1_chain_trees():
+        top1, top1_metrics = run({"method": "ddtree", **chain_spec})
+    assert top1 == chain == reference
+    for name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens"):
+        assert top1_metrics[name] == chain_metrics[name] > 0, name

@@ -129,3 +129,18 @@ def test_bad_arguments():
         build_tree(torch.zeros(2, 3), 4)
     with pytest.raises(ValueError, match="budget must be >= 0"):
         build_tree(torch.zeros(1, 2, 3), -1)
+    with pytest.raises(ValueError, match="max_children must be >= 1"):
+        build_tree(torch.zeros(1, 2, 3), 2, max_children=0)
+
+
+def test_one_child_per_node_is_the_drafters_argmax_chain(device):
+    gen = torch.Generator().manual_seed(11)
+    R, D, V = 16, 6, 50
+    logits = (torch.randn(R, D, V, generator=gen) * 3).to(device)
+    tree = build_tree(logits, D, max_children=1)
+    assert tree.num_nodes.tolist() == [D] * R
+    assert torch.equal(tree.token_ids, logits.argmax(-1))
+    assert torch.equal(tree.parents, torch.arange(D, device=device).expand(R, -1))
+    assert torch.equal(tree.depths, torch.arange(1, D + 1, device=device).expand(R, -1))
+    # Without the cap the same budget branches: the baseline really differs from the tree.
+    assert not torch.equal(build_tree(logits, D).parents, tree.parents)

@@ -95,16 +95,21 @@ def build_tree(
     draft_logits: torch.Tensor,
     budget: int | torch.Tensor,
     max_budget: int | None = None,
+    max_children: int | None = None,
 ) -> DraftTree:
     """Selects each request's best ``budget`` nodes from its drafter logits ``[R, D, V]``.
 
     ``budget`` is an int, or a ``[R]`` integer tensor on the logits' device; a tensor needs the static
     ``max_budget`` (the B of every output shape) so that no value is read back to the host.
+    ``max_children`` keeps only each depth's top tokens as candidates: 1 with budget D gives DFlash's
+    chain (the drafter's argmax at every depth), the baseline that trees are measured against.
     """
     if draft_logits.dim() != 3:
         raise ValueError(f"draft_logits must be [R, D, V], got shape {tuple(draft_logits.shape)}")
+    if max_children is not None and max_children < 1:
+        raise ValueError(f"max_children must be >= 1, got {max_children}")
     max_budget = _static_budget(budget, max_budget)
-    k = min(max_budget, draft_logits.shape[-1])
+    k = min(max_budget, draft_logits.shape[-1], max_children or max_budget)
     logp, tokens = draft_topk(draft_logits, k) if k > 0 else (None, None)
     return build_tree_from_topk(logp, tokens, budget, max_budget, shape=draft_logits.shape[:2],
                                 device=draft_logits.device)
