@@ -185,14 +185,16 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
     temperature = meta.temperature[:num_reqs].float() if meta.temperature is not None else zeros
     top_k = meta.top_k[:num_reqs].long() if meta.top_k is not None else zeros.long()
     top_p = meta.top_p[:num_reqs].float() if meta.top_p is not None else torch.ones_like(zeros)
+    from vllm.utils.torch_utils import async_tensor_h2d
+
     # Seeded requests keep their seed; the others draw fresh noise keys every step. vLLM keeps seeds
-    # only in host-side generators, so they are gathered on the host and written in one copy.
+    # only in host-side generators, so they are gathered on the host and written in one async copy.
     seeds = torch.randint(0, 2**62, (num_reqs,), device=device)
     seeded = [(index, _as_int64(generator.initial_seed())) for index, generator in meta.generators.items()
               if index < num_reqs]
     if seeded:
-        index, seed = torch.tensor(seeded, dtype=torch.int64).T
-        seeds[index.to(device)] = seed.to(device)
+        index, seed = async_tensor_h2d(seeded, device, torch.int64).T
+        seeds[index] = seed
     # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
                         truncated=meta.top_k is not None or meta.top_p is not None, uses_min_p=False)
