@@ -147,24 +147,28 @@ def main():
             greedy = temperature == 0
             ar, _, ar_gaps = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype,
                                  logprobs=TOP_LOGPROBS if greedy else None)
-            chain = {"dflash": [("dflash", {"method": "dflash", "num_speculative_tokens": depth})],
-                     "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth})],
+            # (label, speculative config, how the proposer drafts) per row.
+            plain = contextlib.nullcontext
+            chain = {"dflash": [("dflash", {"method": "dflash", "num_speculative_tokens": depth}, plain)],
+                     "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth},
+                               top1_chain_trees)],
                      "none": []}[args.chain]
-            rows = [("AR", None)] + chain + [
-                (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}) for b in args.budgets]
+            rows = [("AR", None, plain)] + chain + [
+                (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}, plain) for b in args.budgets]
             chain_tau = None
-            for label, spec in rows:
+            for row in rows:
+                label, spec, drafting = row
                 gaps = []
                 if spec is None:
                     steps, tau = sum(len(t) for t in ar), 1.0
                 else:
-                    with top1_chain_trees() if label == "top-1 chain" else contextlib.nullcontext():
+                    with drafting():
                         tokens, m, _ = run(args.target, prompts, temperature, args.max_tokens,
                                            {"model": args.drafter, **spec}, args.dtype)
                     steps = m["vllm:spec_decode_num_drafts"]
                     tau = 1 + (m["vllm:spec_decode_num_accepted_tokens"] or 0) / max(steps, 1)
                     gaps = divergence_gaps(tokens, ar, ar_gaps) if greedy else []
-                if label in ("dflash", "top-1 chain"):
+                if row in chain:
                     chain_tau = tau
                 ratio = f"{tau / chain_tau:.2f}x" if chain_tau else "-"
                 # "= AR": outputs equal to autoregressive ones, or how many differ and the largest
