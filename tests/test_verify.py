@@ -131,7 +131,7 @@ def _chi_square_p(seqs, expected, vocab):
 
 
 def test_host_flags_skip_work_without_changing_tokens():
-    # all_greedy (argmax only), truncated=False (no vocabulary sort) and uses_min_p=False are
+    # all_greedy (argmax only), all_random (no argmax), truncated=False (no vocabulary sort) and uses_min_p=False are
     # shortcuts, not new rules.
     from dataclasses import replace
 
@@ -142,8 +142,9 @@ def test_host_flags_skip_work_without_changing_tokens():
     positions = torch.arange(9).expand(4, -1) + 17
     for temperature in (0.0, 0.7, 1.0):
         sampling = TreeSampling.uniform(4, temperature, seeds=torch.arange(4) * 11)
-        assert sampling.all_greedy == (temperature == 0) and not sampling.truncated and not sampling.uses_min_p
-        general = replace(sampling, all_greedy=False, truncated=True, uses_min_p=True)
+        assert sampling.all_greedy == (temperature == 0) and sampling.all_random == (temperature > 0)
+        assert not sampling.truncated and not sampling.uses_min_p
+        general = replace(sampling, all_greedy=False, all_random=False, truncated=True, uses_min_p=True)
         assert torch.equal(sample_target_tokens(logits, sampling, positions),
                            sample_target_tokens(logits, general, positions))
     assert TreeSampling.uniform(4, 1.0, top_p=0.9).truncated and TreeSampling.uniform(4, 1.0, top_k=5).truncated

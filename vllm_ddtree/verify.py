@@ -40,7 +40,7 @@ class TreeSampling:
 
     Host-side facts, known without reading the tensors (vLLM's sampling metadata has them), let a step
     skip work it does not need: ``all_greedy`` (every request has T = 0: an argmax is the whole
-    verdict), ``truncated`` (some request may use top-k or top-p: only then is the vocabulary sorted)
+    verdict), ``all_random`` (every request has T > 0: no argmax at all), ``truncated`` (some request may use top-k or top-p: only then is the vocabulary sorted)
     and ``uses_min_p`` (some request may have min-p > 0). The defaults assume the general case.
     """
 
@@ -50,6 +50,7 @@ class TreeSampling:
     min_p: torch.Tensor
     seeds: torch.Tensor
     all_greedy: bool = False
+    all_random: bool = False
     truncated: bool = True
     uses_min_p: bool = True
 
@@ -67,7 +68,7 @@ class TreeSampling:
             seeds = torch.arange(num_requests, device=device)
         return cls(full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
                    full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64),
-                   all_greedy=temperature <= 0, truncated=0 < top_k or top_p < 1, uses_min_p=min_p > 0)
+                   all_greedy=temperature <= 0, all_random=temperature > 0, truncated=0 < top_k or top_p < 1, uses_min_p=min_p > 0)
 
 
 @dataclass
@@ -132,9 +133,8 @@ def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions
     Inverse CDF instead of a Gumbel/exponential race: the race needs V keyed noises per row (on two
     CPU cores that hash cost 6 s per step at 164 requests x 17 rows), the CDF needs one.
     """
-    greedy = logits.argmax(-1)
     if sampling.all_greedy:
-        return greedy
+        return logits.argmax(-1)
     cdf = processed_weights(logits, sampling).cumsum(-1)
     # First token whose cumulative weight reaches u * total. u > 0, so a zero-weight token never
     # reaches it before an earlier positive one (and the first token only if it has weight), and
@@ -142,7 +142,9 @@ def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions
     # vocabulary order whatever the processing did, so a token depends on its request alone.
     target = counter_uniform(sampling.seeds, positions) * cdf[..., -1]
     sampled = torch.searchsorted(cdf, target.unsqueeze(-1)).squeeze(-1)
-    return torch.where((sampling.temperature <= 0).unsqueeze(1), greedy, sampled)
+    if sampling.all_random:
+        return sampled
+    return torch.where((sampling.temperature <= 0).unsqueeze(1), logits.argmax(-1), sampled)
 
 
 def processed_weights(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:

@@ -197,7 +197,7 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
         seeds[index] = seed
     # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
-                        truncated=meta.top_k is not None or meta.top_p is not None, uses_min_p=False)
+                        all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None, uses_min_p=False)
 
 
 def _as_int64(seed: int) -> int:
