@@ -1,8 +1,9 @@
 """The DFlash trainer: block layout, loss weights, and a trained drafter that really drafts in vLLM.
 
-The last test is the architecture check: a drafter trained here in plain torch, saved in the z-lab
-format and loaded by vLLM's own DFlash model, must draft what it learned (deep acceptance), and
-ddtree's output must still equal the target's. It also checks the acceptance benchmark's top-1 chain
+The trainer is checked offline on the suite's device (a GPU where there is one). The last test is the
+architecture check: a drafter trained here in plain torch, saved in the z-lab format and loaded by
+vLLM's own DFlash model, must draft what it learned (deep acceptance), and ddtree's output must still
+equal the target's. It also checks the acceptance benchmark's top-1 chain
 baseline against vLLM's dflash chain on that drafter.
 """
 
@@ -58,15 +59,11 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     assert names(prompts) & names(evaluation[:164]) == set(EVALUATION_NAME_OVERLAP)
 
 
-def test_trained_drafter_drafts_in_vllm(tmp_path):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def _train_tiny_drafter(target_dir: str, device: str, steps: int = 75):
+    """The tiny target on ``device``, its own greedy text, and drafters trained on it for 0 and ``steps`` steps."""
     from tiny_models import BLOCK_SIZE, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, TARGET_LAYER_IDS, TARGET_LAYERS, VOCAB
-    from tiny_models import write_target
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
 
-    target_dir = write_target(str(tmp_path / "target"))
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     sequences = []
@@ -80,15 +77,36 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
                            head_dim=HEAD_DIM, intermediate_size=256, vocab_size=VOCAB,
                            target_layer_ids=TARGET_LAYER_IDS, num_target_layers=TARGET_LAYERS,
                            block_size=BLOCK_SIZE, mask_token_id=1)
-    drafter_dir = str(tmp_path / "trained")
+    target.to(device)
     features = extract_features(target, sequences, TARGET_LAYER_IDS)
     untrained = train_drafter(target, sequences, config, steps=0, features=features)
-    drafter = train_drafter(target, sequences, config, steps=75, sequences_per_step=2, features=features)
-    drafter.save(drafter_dir)
+    drafter = train_drafter(target, sequences, config, steps=steps, sequences_per_step=2, features=features)
+    return target, sequences, features, untrained, drafter
+
+
+def test_trainer_learns_on_the_targets_device(tmp_path, device):
+    # The trainer follows the target: features, drafter and blocks on its device (a GPU in scripts/gpu_checks.sh).
+    from tiny_models import BLOCK_SIZE, write_target
+
+    target, sequences, features, untrained, drafter = _train_tiny_drafter(write_target(str(tmp_path / "t")), device)
+    assert features[0].device.type == device and next(drafter.parameters()).device.type == device
     # The offline estimate of a chain's acceptance: near 1 before training, deep after.
     assert evaluate_drafter(untrained, target, sequences, features)["chain_tau"] < 1.5
     quality = evaluate_drafter(drafter, target, sequences, features)
     assert quality["chain_tau"] >= 4.0 and len(quality["slot_accuracy"]) == BLOCK_SIZE - 1
+    drafter.save(str(tmp_path / "saved"))  # from any device to a CPU checkpoint
+    assert os.path.isfile(tmp_path / "saved" / "model.safetensors")
+
+
+def test_trained_drafter_drafts_in_vllm(tmp_path):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from tiny_models import BLOCK_SIZE, write_target
+    from vllm import LLM, SamplingParams
+
+    target_dir = write_target(str(tmp_path / "target"))
+    drafter_dir = str(tmp_path / "trained")
+    _train_tiny_drafter(target_dir, "cpu")[-1].save(drafter_dir)
 
     prompts = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a"]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -150,7 +150,8 @@ class DFlashDrafter(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        save_file({k: v.to(dtype) for k, v in self.checkpoint_state().items()}, os.path.join(folder, "model.safetensors"))
+        save_file({k: v.to("cpu", dtype) for k, v in self.checkpoint_state().items()},
+                  os.path.join(folder, "model.safetensors"))
         config = self.c.checkpoint_config()
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -192,14 +193,21 @@ def slot_weights(block_size: int, decay: float) -> torch.Tensor:
 
 
 def extract_features(target, sequences, layer_ids) -> list[torch.Tensor]:
-    """The drafter's context features of each sequence: ``[T, len(layer_ids) * H]`` in the target's dtype."""
+    """The drafter's context features of each sequence: ``[T, len(layer_ids) * H]`` in the target's dtype,
+    on the target's device."""
     target.eval().requires_grad_(False)
+    device = target.get_input_embeddings().weight.device
     feats = []
     with torch.no_grad():
         for tokens, _ in sequences:
-            hs = target(tokens.unsqueeze(0), output_hidden_states=True).hidden_states
+            hs = target(tokens.to(device).unsqueeze(0), output_hidden_states=True).hidden_states
             feats.append(torch.cat([hs[i + 1][0] for i in layer_ids], -1))
     return feats
+
+
+def _on(device, *tensors):
+    # Blocks are laid out on the host (small index work), then moved once per sequence.
+    return [t.to(device, non_blocking=True) for t in tensors]
 
 
 def _autocast(features: list[torch.Tensor]):
@@ -213,19 +221,22 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
                   sequences_per_step: int = 1, features: list[torch.Tensor] | None = None) -> DFlashDrafter:
     """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
     the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
-    Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences."""
+    Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences.
+    The drafter trains on the target's device (a GPU when the target is on one)."""
     torch.manual_seed(seed)
     target.eval().requires_grad_(False)
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     if features is None:
         features = extract_features(target, sequences, config.target_layer_ids)
+    device = embed.weight.device
     drafter = DFlashDrafter(config)
     for name, p in drafter.named_parameters():
         if p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
+            nn.init.normal_(p, std=0.02)  # on the CPU generator: the same start on every device
+    drafter.to(device)
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-    weights = slot_weights(config.block_size, decay)
+    weights = slot_weights(config.block_size, decay).to(device)
     gen = torch.Generator().manual_seed(seed)
     S = config.block_size
     usable = [i for i, (t, p) in enumerate(sequences) if len(t) - S > max(p - 1, 1)]
@@ -236,9 +247,11 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
             tokens, prompt_len = sequences[i]
             lo, hi = max(prompt_len - 1, 1), len(tokens) - S  # anchors in the response, full blocks only
             anchors = torch.randint(lo, hi + 1, (anchors_per_step,), generator=gen)
-            block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, config.mask_token_id)
+            block_tokens, positions, labels, mask = _on(device, *block_batch(tokens, len(tokens), anchors, S,
+                                                                             config.mask_token_id))
             with _autocast(features):
-                hidden = drafter(embed(block_tokens), positions, features[i], torch.arange(len(tokens)), mask)
+                hidden = drafter(embed(block_tokens), positions, features[i],
+                                 torch.arange(len(tokens), device=device), mask)
                 logits = head(hidden)
             loss_per = F.cross_entropy(logits.float(), labels.flatten(), reduction="none").view(-1, S)
             loss = loss + (loss_per * weights).sum() / (weights.sum() * len(anchors) * sequences_per_step)
@@ -261,6 +274,7 @@ def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_an
     correct prefix of the block: tokens per target step of a greedy chain of S-1 drafts).
     """
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    device = embed.weight.device
     S = drafter.c.block_size
     correct = []
     for (tokens, prompt_len), feats in zip(sequences, features):
@@ -268,9 +282,11 @@ def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_an
         if hi < lo:
             continue
         anchors = torch.linspace(lo, hi, min(max_anchors, hi - lo + 1)).round().long().unique()
-        block_tokens, positions, labels, mask = block_batch(tokens, len(tokens), anchors, S, drafter.c.mask_token_id)
+        block_tokens, positions, labels, mask = _on(device, *block_batch(tokens, len(tokens), anchors, S,
+                                                                         drafter.c.mask_token_id))
         with _autocast(features):
-            guess = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens)), mask)).argmax(-1)
+            guess = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens), device=device),
+                                 mask)).argmax(-1)
         correct.append((guess.view(-1, S) == labels)[:, 1:])
     correct = torch.cat(correct)
     accepted = correct.int().cumprod(1).sum(1).float()

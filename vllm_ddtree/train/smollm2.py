@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="the target's dtype for the data and features (bf16 uses the CPU's AMX units)")
+    parser.add_argument("--device", default=None,
+                        help="where the target and drafter run for features and training (default: cuda if present)")
     parser.add_argument("--max-prompts", type=int, default=0, help="0 = all")
     parser.add_argument("--data-cache", default=None,
                         help="file keeping the generated answers, reused when prompts and settings match")
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     held_out, train = sequences[::20], [s for i, s in enumerate(sequences) if i % 20]
 
     dtype = getattr(torch, args.dtype)
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device)
     tc = target.config
     config = DrafterConfig(
         hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
