@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a CUDA machine with torch and triton but no vLLM (the device image):
-# the core's tests on the GPU (compiled Triton kernels, CUDA-graph capture, the drafter trainer), then the round and
-# tree-attention benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_checks.sh
+# the core's tests on the GPU (compiled Triton kernels, CUDA-graph capture, the drafter trainer), then
+# the round and tree-attention benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}

@@ -3,8 +3,8 @@
 The trainer is checked offline on the suite's device (a GPU where there is one). The last test is the
 architecture check: a drafter trained here in plain torch, saved in the z-lab format and loaded by
 vLLM's own DFlash model, must draft what it learned (deep acceptance), and ddtree's output must still
-equal the target's. It also checks the acceptance benchmark's top-1 chain
-baseline against vLLM's dflash chain on that drafter.
+equal the target's. It also checks the acceptance benchmark's top-1 chain baseline against vLLM's
+dflash chain on that drafter.
 """
 
 import gc

@@ -131,8 +131,8 @@ def _chi_square_p(seqs, expected, vocab):
 
 
 def test_host_flags_skip_work_without_changing_tokens():
-    # all_greedy (argmax only), all_random (no argmax), truncated=False (no vocabulary sort) and uses_min_p=False are
-    # shortcuts, not new rules.
+    # all_greedy (argmax only), all_random (no argmax), truncated=False (no vocabulary sort) and
+    # uses_min_p=False are shortcuts, not new rules.
     from dataclasses import replace
 
     from vllm_ddtree.verify import sample_target_tokens

@@ -40,8 +40,9 @@ class TreeSampling:
 
     Host-side facts, known without reading the tensors (vLLM's sampling metadata has them), let a step
     skip work it does not need: ``all_greedy`` (every request has T = 0: an argmax is the whole
-    verdict), ``all_random`` (every request has T > 0: no argmax at all), ``truncated`` (some request may use top-k or top-p: only then is the vocabulary sorted)
-    and ``uses_min_p`` (some request may have min-p > 0). The defaults assume the general case.
+    verdict), ``all_random`` (every request has T > 0: no argmax at all), ``truncated`` (some request
+    may use top-k or top-p: only then is the vocabulary sorted) and ``uses_min_p`` (some request may
+    have min-p > 0). The defaults assume the general case.
     """
 
     temperature: torch.Tensor
@@ -68,7 +69,8 @@ class TreeSampling:
             seeds = torch.arange(num_requests, device=device)
         return cls(full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
                    full(min_p, torch.float32), seeds.to(device=device, dtype=torch.int64),
-                   all_greedy=temperature <= 0, all_random=temperature > 0, truncated=0 < top_k or top_p < 1, uses_min_p=min_p > 0)
+                   all_greedy=temperature <= 0, all_random=temperature > 0, truncated=0 < top_k or top_p < 1,
+                   uses_min_p=min_p > 0)
 
 
 @dataclass

@@ -181,12 +181,12 @@ class TreeVerifier(torch.nn.Module):
 
 
 def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
+    from vllm.utils.torch_utils import async_tensor_h2d
+
     zeros = torch.zeros(num_reqs, device=device)
     temperature = meta.temperature[:num_reqs].float() if meta.temperature is not None else zeros
     top_k = meta.top_k[:num_reqs].long() if meta.top_k is not None else zeros.long()
     top_p = meta.top_p[:num_reqs].float() if meta.top_p is not None else torch.ones_like(zeros)
-    from vllm.utils.torch_utils import async_tensor_h2d
-
     # Seeded requests keep their seed; the others draw fresh noise keys every step. vLLM keeps seeds
     # only in host-side generators, so they are gathered on the host and written in one async copy.
     seeds = torch.randint(0, 2**62, (num_reqs,), device=device)
@@ -197,7 +197,8 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
         seeds[index] = seed
     # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
-                        all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None, uses_min_p=False)
+                        all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None,
+                        uses_min_p=False)
 
 
 def _as_int64(seed: int) -> int:
