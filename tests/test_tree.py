@@ -144,3 +144,17 @@ def test_one_child_per_node_is_the_drafters_argmax_chain(device):
     assert torch.equal(tree.depths, torch.arange(1, D + 1, device=device).expand(R, -1))
     # Without the cap the same budget branches: the baseline really differs from the tree.
     assert not torch.equal(build_tree(logits, D).parents, tree.parents)
+
+
+def test_draft_topk_in_row_chunks_equals_one_pass(monkeypatch, device):
+    from vllm_ddtree import row_chunks
+
+    logits = (torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(2)) * 3).to(device)
+    logits[1, 2] = float("-inf")  # a depth with nothing possible
+    one_pass = draft_topk(logits, 6)
+    monkeypatch.setattr(row_chunks, "WORKING_SET_BYTES", 4 * 50 * 8)  # four rows at a time
+    chunked = draft_topk(logits, 6)
+    assert torch.equal(one_pass[0], chunked[0]) and torch.equal(one_pass[1], chunked[1])
+    want = torch.log_softmax(logits[0, 0].float(), -1).topk(6)
+    torch.testing.assert_close(chunked[0][0, 0], want.values)
+    assert torch.isinf(chunked[0][1, 2]).all()

@@ -46,7 +46,7 @@ def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout,
         query_start_loc=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=block_table.to(torch.int32), tree_bits=tree_bits, tree_rows=tree_rows)
-    meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values()])
+    meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values() if t is not None])
     kv_cache = kv_cache.to(device)
     keys, values = paged_kv_views(kv_cache, layout)
     return (query.to(device), keys, values, meta) + ((kv_cache,) if with_cache else ())

@@ -149,3 +149,36 @@ def test_host_flags_skip_work_without_changing_tokens():
                            sample_target_tokens(logits, general, positions))
     assert TreeSampling.uniform(4, 1.0, top_p=0.9).truncated and TreeSampling.uniform(4, 1.0, top_k=5).truncated
     assert TreeSampling.uniform(4, 1.0, min_p=0.1).uses_min_p
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_flat_logits_and_row_chunks_give_the_same_verdict(temperature, monkeypatch, device):
+    # vLLM hands flat logits, each request's root and drafted nodes in a row, a request with fewer
+    # drafts (the scheduler cut its tree) with fewer rows. Verifying them in place must equal
+    # verifying the [R, B+1, V] layout, and sampling rows in small chunks must equal one pass.
+    from dataclasses import replace
+
+    from vllm_ddtree import row_chunks
+    from vllm_ddtree.verify import SAMPLE_BYTES_PER_ENTRY
+
+    gen = torch.Generator().manual_seed(11)
+    R, D, B, V = 5, 4, 12, 40
+    tree = build_tree(torch.randn(R, D, V, generator=gen).to(device) * 2, B)
+    kept = torch.tensor([12, 0, 5, 12, 1], device=device)  # drafts each request kept
+    used = torch.arange(B, device=device) < kept.unsqueeze(1)
+    tree = replace(tree, token_ids=torch.where(used, tree.token_ids, -1), num_nodes=torch.minimum(tree.num_nodes, kept))
+    logits = (torch.randn(R, B + 1, V, generator=gen) * 3).to(device)
+    sampling = TreeSampling.uniform(R, temperature, top_k=7, top_p=0.9, seeds=torch.arange(R) * 13, device=device)
+    roots = torch.tensor([3, 9, 0, 40, 7], device=device)
+    want = verify_tree(tree, logits, sampling, roots)
+
+    flat = torch.cat([logits[r, : int(kept[r]) + 1] for r in range(R)])
+    starts = torch.cumsum(kept + 1, 0) - (kept + 1)
+    for rows_at_once in (flat.shape[0], 3):
+        monkeypatch.setattr(row_chunks, "WORKING_SET_BYTES", rows_at_once * V * SAMPLE_BYTES_PER_ENTRY)
+        assert row_chunks.rows_per_chunk(V * SAMPLE_BYTES_PER_ENTRY) == rows_at_once
+        got = verify_tree(tree, flat, sampling, roots, row_starts=starts)
+        assert torch.equal(got.accepted_nodes, want.accepted_nodes)
+        assert torch.equal(got.output_tokens, want.output_tokens)
+        real = torch.arange(B + 1, device=device) <= kept.unsqueeze(1)
+        assert torch.equal(got.target_tokens[real], want.target_tokens[real])

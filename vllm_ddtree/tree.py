@@ -43,11 +43,15 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_ddtree.row_chunks import row_chunks
+
 # Packed selection keys (larger = selected first), int64:
 #   bit 62: valid | bits 30..61: order-preserving float32 score | bits 0..29: inverted tie-break rank.
 _TIE_BITS = 30
 _TIE_MAX = (1 << _TIE_BITS) - 1
 _VALID_BIT = 1 << 62
+# draft_topk's transient bytes per vocabulary entry: the float32 copy and logsumexp's float32 work.
+_TOPK_BYTES_PER_ENTRY = 8
 
 
 @dataclass
@@ -73,6 +77,11 @@ class DraftTree:
     def max_nodes(self) -> int:
         return self.token_ids.shape[1]
 
+    def take(self, index: torch.Tensor | slice) -> "DraftTree":
+        """The trees of requests ``index`` (a tensor of request indices or a slice), in that order."""
+        return DraftTree(self.token_ids[index], self.parents[index], self.depths[index], self.scores[index],
+                         self.num_nodes[index], self.ancestor_bits[index], self.max_depth)
+
     def ancestor_mask(self) -> torch.Tensor:
         """The ancestor bitmask unpacked to ``bool [R, B+1, B+1]`` (tests, CPU attention path)."""
         return unpack_bits(self.ancestor_bits, self.max_nodes + 1)
@@ -81,14 +90,21 @@ class DraftTree:
 def draft_topk(draft_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-depth top-k of the drafter's log-softmax: ``(logp [R, D, k] float32, token [R, D, k] int64)``.
 
-    The only pass over the vocabulary; the tree build itself never touches V again.
+    The only pass over the vocabulary; the tree build itself never touches V again. Rows are
+    converted to float32 a bounded chunk at a time (as in :mod:`vllm_ddtree.verify`), so the extra
+    memory does not grow with R x D.
     """
-    logits = draft_logits.float()
-    top_logits, top_tokens = torch.topk(logits, k, dim=-1)
-    logp = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    R, D, V = draft_logits.shape
+    flat = draft_logits.reshape(R * D, V)
+    logp = torch.empty(R * D, k, dtype=torch.float32, device=flat.device)
+    tokens = torch.empty(R * D, k, dtype=torch.int64, device=flat.device)
+    for rows in row_chunks(R * D, V * _TOPK_BYTES_PER_ENTRY):
+        logits = flat[rows].float()
+        top_logits, tokens[rows] = torch.topk(logits, k, dim=-1)
+        logp[rows] = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     # A depth with every logit masked gives -inf - -inf = NaN; it means "nothing is possible".
     logp = torch.nan_to_num(logp, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
-    return logp, top_tokens
+    return logp.view(R, D, k), tokens.view(R, D, k)
 
 
 def build_tree(
@@ -208,7 +224,7 @@ def build_tree_from_topk(
     depths = torch.where(used, depth0 + 1, 1)
     scores = torch.where(used, all_score.gather(1, chosen), float("-inf"))
     return DraftTree(token_ids, parents, depths, scores, num_nodes,
-                     pack_bits(_ancestor_mask(parents, D)), D)
+                     ancestor_bits(parents, D), D)
 
 
 def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
@@ -254,18 +270,30 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.cumsum(1) - x
 
 
-def _ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """``bool [R, B+1, B+1]``: row i marks i and its ancestors, by pointer doubling over ``parents``."""
+def ancestor_bits(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """Packed ancestor rows ``int32 [R, B+1, W]`` of ``parents [R, B]``: row i has bit i and the bits of
+    i's ancestors (row 0 is the root). Pointer doubling on the packed words: a row ORs in the row of
+    its 2^k-th ancestor, O(log D) steps of ``[R, B+1, W]`` work, never an unpacked ``[B+1, B+1]`` mask.
+    """
     R, B = parents.shape
     dev = parents.device
+    words = (B + 32) // 32
+    node = torch.arange(B + 1, device=dev)
+    own = torch.zeros(B + 1, words, dtype=torch.int64, device=dev)
+    own[node, node // 32] = 1 << (node % 32)
+    bits = _as_int32(own).expand(R, -1, -1).clone()
     jump = torch.cat([torch.zeros(R, 1, dtype=torch.int64, device=dev), parents], 1)  # root -> root
-    mask = torch.eye(B + 1, dtype=torch.bool, device=dev).expand(R, -1, -1).clone()
     covered = 1  # rows hold every ancestor closer than `covered` steps
     while covered <= max_depth:
-        mask |= mask.gather(1, jump.unsqueeze(2).expand(-1, -1, B + 1))
+        bits |= bits.gather(1, jump.unsqueeze(2).expand(-1, -1, words))
         jump = jump.gather(1, jump)
         covered *= 2
-    return mask
+    return bits
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> the int32 of the same 32 bits."""
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -274,8 +302,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     words = (n + 31) // 32
     padded = torch.nn.functional.pad(mask, (0, words * 32 - n)).view(*mask.shape[:-1], words, 32)
     weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
-    packed = (padded.long() * weights).sum(-1)
-    return torch.where(packed >= (1 << 31), packed - (1 << 32), packed).to(torch.int32)
+    return _as_int32((padded.long() * weights).sum(-1))
 
 
 def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
@@ -295,6 +322,6 @@ def empty_tree(R: int, B: int, device, max_depth: int) -> DraftTree:
         depths=torch.ones(R, B, **long),
         scores=torch.full((R, B), float("-inf"), device=device),
         num_nodes=torch.zeros(R, **long),
-        ancestor_bits=pack_bits(_ancestor_mask(parents, 1)),
+        ancestor_bits=ancestor_bits(parents, 1),
         max_depth=max_depth,
     )

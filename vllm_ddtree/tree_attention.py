@@ -38,6 +38,7 @@ class TreeAttentionMetadata:
     this step's rows included), ``block_table [R, max_blocks]`` int32, ``tree_bits [R, N, W]`` int32
     (ancestor bits of each request's tree, ``N`` = B+1 rows; any content for causal requests) and
     ``tree_rows [R]`` int32 (rows under the tree mask: B+1 for a tree request, 0 for a causal one).
+    ``dense_plan`` caches the CPU path's :func:`plan_dense` for the step's other layers.
     """
 
     query_start_loc: torch.Tensor
@@ -45,6 +46,7 @@ class TreeAttentionMetadata:
     block_table: torch.Tensor
     tree_bits: torch.Tensor
     tree_rows: torch.Tensor
+    dense_plan: "DensePlan | None" = None
 
 
 def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

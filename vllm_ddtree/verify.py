@@ -1,8 +1,9 @@
 """Round step 4, *verify*: the target's logits over the tree -> the accepted path and the bonus token.
 
 In:  a :class:`~vllm_ddtree.tree.DraftTree` (B nodes, depth D), the target's logits for its B+1 rows
-     ``[R, B+1, V]`` (row 0 = root), the requests' sampling parameters (:class:`TreeSampling`) and the
-     root's position ``[R]``.
+     (``[R, B+1, V]``, row 0 = root; or flat ``[T, V]`` as vLLM computes them, request r's root at row
+     ``row_starts[r]`` and its nodes after it), the requests' sampling parameters
+     (:class:`TreeSampling`) and the root's position ``[R]``.
 Out: :class:`TreeVerdict`: ``target_tokens [R, B+1]``, ``accepted_nodes [R, D+1]`` (root first, -1
      after the path), ``num_accepted [R]`` (draft nodes accepted, 0..D) and ``output_tokens [R, D+1]``
      (the accepted path's tokens then the bonus token, -1 after).
@@ -18,14 +19,21 @@ and its context only, not on the tree.
 Processing order follows vLLM's sampler: temperature, min-p, top-k, top-p. Ties at the top-k cut are
 all kept; top-p drops the low tail whose mass is at most 1 - p and always keeps the best token.
 Everything is fixed-shape tensor work: no host synchronisation and no loop over requests.
+
+Memory: a sampled row needs its whole processed distribution (softmax, and for top-k/top-p a sort
+with int64 indices and a cumulative sum: about 21 bytes per vocabulary entry). Rows are therefore
+processed in chunks (:mod:`vllm_ddtree.row_chunks`), so a step's extra memory stays bounded
+whatever R x (B+1) is (at R = 64, B = 64, V = 152k the whole step at once would take about 15 GB).
+The logits are read in place: the adapter hands vLLM's flat ``[T, V]`` logits, never a gathered copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from vllm_ddtree.row_chunks import row_chunks
 from vllm_ddtree.tree import DraftTree
 
 _MASK32 = 0xFFFFFFFF
@@ -72,6 +80,12 @@ class TreeSampling:
                    all_greedy=temperature <= 0, all_random=temperature > 0, truncated=0 < top_k or top_p < 1,
                    uses_min_p=min_p > 0)
 
+    def take(self, index: torch.Tensor | slice) -> "TreeSampling":
+        """The parameters of request ``index[i]`` for each row i, or of a slice of rows (host flags
+        unchanged)."""
+        return replace(self, temperature=self.temperature[index], top_k=self.top_k[index],
+                       top_p=self.top_p[index], min_p=self.min_p[index], seeds=self.seeds[index])
+
 
 @dataclass
 class TreeVerdict:
@@ -81,15 +95,40 @@ class TreeVerdict:
     output_tokens: torch.Tensor
 
 
+# Bytes per vocabulary entry of a sampled row at its peak: float32 probabilities, the sorted copy
+# and its int64 order, the tail's cumulative sum and a bool mask.
+SAMPLE_BYTES_PER_ENTRY = 4 + 4 + 8 + 4 + 1
+
+
 def verify_tree(tree: DraftTree, target_logits: torch.Tensor, sampling: TreeSampling,
-                root_positions: torch.Tensor) -> TreeVerdict:
-    """Samples the target at every node, then walks the tree: see the module docstring."""
-    R, N, _ = target_logits.shape
-    if N != tree.max_nodes + 1:
-        raise ValueError(f"target_logits has {N} rows per request, the tree needs {tree.max_nodes + 1}")
+                root_positions: torch.Tensor, row_starts: torch.Tensor | None = None) -> TreeVerdict:
+    """Samples the target at every node, then walks the tree: see the module docstring.
+
+    ``target_logits`` is ``[R, B+1, V]``, or flat ``[T, V]`` with ``row_starts [R]``: request r's node
+    j at row ``row_starts[r] + j``, up to the next request's start (nodes past its rows are not
+    sampled; they must be unused slots of the tree).
+    """
+    R, B = tree.token_ids.shape
+    dev = tree.token_ids.device
+    if row_starts is None:
+        if target_logits.dim() != 3 or target_logits.shape[:2] != (R, B + 1):
+            raise ValueError(f"target_logits has shape {tuple(target_logits.shape)}, the tree needs "
+                             f"[{R}, {B + 1}, V] (or flat logits with row_starts)")
+        target_logits = target_logits.reshape(R * (B + 1), target_logits.shape[-1])
+        row_starts = torch.arange(R, device=dev) * (B + 1)
+    T = target_logits.shape[0]
+    row_starts = row_starts.to(torch.int64)
+    # Which request and node each logits row holds (rows are grouped by request, in order).
+    rows = torch.arange(T, device=dev)
+    row_request = (torch.bucketize(rows, row_starts, right=True) - 1).clamp(0, R - 1)
+    row_node = (rows - row_starts[row_request]).clamp(0, B)
     node_depth = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
-    sampled_positions = root_positions.to(torch.int64).unsqueeze(1) + node_depth + 1
-    target_tokens = sample_target_tokens(target_logits, sampling, sampled_positions)
+    row_position = root_positions.to(torch.int64)[row_request] + node_depth[row_request, row_node] + 1
+    row_tokens = sample_rows(target_logits, sampling.take(row_request), row_position)
+    row_ends = torch.cat([row_starts[1:], row_starts.new_full((1,), T)])
+    node_rows = row_starts.unsqueeze(1) + torch.minimum(torch.arange(B + 1, device=dev),
+                                                        (row_ends - row_starts - 1).unsqueeze(1))
+    target_tokens = row_tokens[node_rows.clamp(0, T - 1)]
     accepted_nodes, num_accepted = walk_tree(tree, target_tokens)
     return TreeVerdict(target_tokens, accepted_nodes, num_accepted,
                        _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted))
@@ -129,46 +168,77 @@ def _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted):
 
 
 def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits [R, N, V]``: argmax where T = 0, else an inverse-CDF sample from
-    the processed distribution at one uniform keyed by (seed, ``positions [R, N]``).
+    """One token per row of ``logits [R, N, V]`` (request r's parameters, ``positions [R, N]``): see
+    :func:`sample_rows`."""
+    R, N, V = logits.shape
+    request = torch.arange(R, device=logits.device).repeat_interleave(N)
+    return sample_rows(logits.reshape(R * N, V), sampling.take(request), positions.reshape(R * N)).view(R, N)
+
+
+def sample_rows(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits [T, V]`` (``sampling`` and ``positions`` per row, ``[T]``): argmax
+    where T = 0, else an inverse-CDF sample from the processed distribution at one uniform keyed by
+    (seed, position).
 
     Inverse CDF instead of a Gumbel/exponential race: the race needs V keyed noises per row (on two
     CPU cores that hash cost 6 s per step at 164 requests x 17 rows), the CDF needs one.
     """
     if sampling.all_greedy:
         return logits.argmax(-1)
-    cdf = processed_weights(logits, sampling).cumsum(-1)
+    T, V = logits.shape
+    chunks = row_chunks(T, V * SAMPLE_BYTES_PER_ENTRY)
+    if len(chunks) == 1:
+        return _sample_chunk(logits, sampling, positions)
+    out = torch.empty(T, dtype=torch.int64, device=logits.device)
+    for rows in chunks:
+        out[rows] = _sample_chunk(logits[rows], sampling.take(rows), positions[rows])
+    return out
+
+
+def _sample_chunk(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
+    cdf = _processed_rows(logits, sampling).cumsum_(-1)
     # First token whose cumulative weight reaches u * total. u > 0, so a zero-weight token never
     # reaches it before an earlier positive one (and the first token only if it has weight), and
     # u < 1 keeps the target at or below the last entry, so the index stays in range. The CDF runs in
     # vocabulary order whatever the processing did, so a token depends on its request alone.
-    target = counter_uniform(sampling.seeds, positions) * cdf[..., -1]
+    target = counter_uniform(sampling.seeds, positions.unsqueeze(1)).squeeze(1) * cdf[:, -1]
     sampled = torch.searchsorted(cdf, target.unsqueeze(-1)).squeeze(-1)
+    del cdf
     if sampling.all_random:
         return sampled
-    return torch.where((sampling.temperature <= 0).unsqueeze(1), logits.argmax(-1), sampled)
+    return torch.where(sampling.temperature <= 0, logits.argmax(-1), sampled)
 
 
 def processed_weights(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:
-    """Unnormalised probabilities after temperature, min-p, top-k and top-p (vLLM's order), in
-    vocabulary order; masked tokens weigh 0."""
+    """Unnormalised probabilities of ``logits [R, N, V]`` after temperature, min-p, top-k and top-p
+    (vLLM's order), in vocabulary order; masked tokens weigh 0."""
+    R, N, V = logits.shape
+    request = torch.arange(R, device=logits.device).repeat_interleave(N)
+    return _processed_rows(logits.reshape(R * N, V), sampling.take(request)).view(R, N, V)
+
+
+def _processed_rows(logits: torch.Tensor, sampling: TreeSampling) -> torch.Tensor:
+    """:func:`processed_weights` of rows ``[T, V]`` with per-row parameters; a new float32 tensor,
+    worked on in place so that one sort (values and int64 order) is the largest extra."""
     V = logits.shape[-1]
     temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)
-    probs = (logits.float() / temperature.view(-1, 1, 1)).softmax(-1)
-    zero = probs.new_zeros(())  # a device fill, not a host copy: capturable
+    probs = (logits.float() / temperature.unsqueeze(1)).softmax(-1)
     if sampling.uses_min_p:
-        probs = torch.where(probs < sampling.min_p.view(-1, 1, 1) * probs.amax(-1, keepdim=True), zero, probs)
+        probs.masked_fill_(probs < sampling.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
     if not sampling.truncated:
         return probs
 
     ascending, order = probs.sort(-1)
     k = torch.where((sampling.top_k <= 0) | (sampling.top_k >= V), V, sampling.top_k)
-    kth_largest = ascending.gather(-1, (V - k).view(-1, 1, 1).expand(-1, probs.shape[1], 1))
-    ascending = torch.where(ascending < kth_largest, zero, ascending)  # ties at the cut are kept
+    kth_largest = ascending.gather(-1, (V - k).unsqueeze(1))
+    ascending.masked_fill_(ascending < kth_largest, 0.0)  # ties at the cut are kept
     tail_mass = ascending.cumsum(-1)
-    drop = tail_mass <= (1 - sampling.top_p).view(-1, 1, 1) * tail_mass[..., -1:]
-    drop[..., -1] = False
-    return torch.empty_like(probs).scatter_(-1, order, torch.where(drop, zero, ascending))
+    drop = tail_mass <= (1 - sampling.top_p).unsqueeze(1) * tail_mass[:, -1:]
+    del tail_mass
+    drop[:, -1] = False
+    ascending.masked_fill_(drop, 0.0)
+    del drop
+    return probs.scatter_(-1, order, ascending)  # order is a permutation: every entry is rewritten
 
 
 def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
