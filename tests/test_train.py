@@ -7,7 +7,6 @@ equal the target's. It also checks the acceptance benchmark's top-1 chain baseli
 dflash chain on that drafter.
 """
 
-import gc
 import os
 import sys
 
@@ -102,7 +101,9 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tiny_models import BLOCK_SIZE, write_target
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
+
+    from vllm_ddtree.engine_runs import run_engine
 
     target_dir = write_target(str(tmp_path / "target"))
     drafter_dir = str(tmp_path / "trained")
@@ -112,14 +113,9 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
     def run(spec):
-        llm = LLM(model=target_dir, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
-                  enforce_eager=True, disable_log_stats=False, speculative_config=spec)
-        try:
-            tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-            return tokens, {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        finally:
-            del llm
-            gc.collect()
+        result = run_engine(target_dir, prompts, params, spec, dtype="float32", gpu_memory_utilization=0.5,
+                            max_model_len=512, seed=0, enforce_eager=True, disable_log_stats=False)
+        return [t[0] for t in result.tokens], result.metrics
 
     reference, _ = run(None)
     tokens, metrics = run({"method": "ddtree", "model": drafter_dir, "num_speculative_tokens": 16})
