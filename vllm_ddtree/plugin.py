@@ -1,18 +1,19 @@
 """vLLM entry point (``vllm.general_plugins``), loaded by vLLM in every process it starts.
 
-:func:`register` makes ``speculative_config={"method": "ddtree", ...}`` valid and hooks vLLM's V1 model
-runner, DFlash proposer and attention backends (CPU, FlashAttention, Triton) for ddtree engines; engines with any other method are not
-touched. It first checks that every vLLM internal it needs exists and patches nothing unless all do.
-Requests that ask for sampling features the tree verifier does not apply are refused on arrival.
+:func:`register` makes ``speculative_config={"method": "ddtree", ...}`` valid. It first compares every
+vLLM internal the adapter hooks, names and call signatures (:mod:`vllm_ddtree.adapter.compat`), with
+the installed vLLM. On a match it installs the hooks (:mod:`vllm_ddtree.adapter`); they act only for
+ddtree engines and cost other engines nothing on their steps. On a mismatch it logs one warning that
+names what changed and the supported versions, and patches nothing but the refusal of ``"ddtree"``:
+every other engine runs exactly as without the plugin, and a ddtree config fails with that message.
+vLLM calls plugins without catching their errors, so nothing here may raise.
 """
 
 from __future__ import annotations
 
 import logging
 
-SUPPORTED_VLLM = (">=0.32", "<0.34")
-
-logger = logging.getLogger("vllm_ddtree")
+logger = logging.getLogger("vllm.ddtree")  # under vLLM's logger, once vLLM configures it
 
 
 def register() -> None:
@@ -21,15 +22,27 @@ def register() -> None:
         import vllm
     except ImportError:  # the core is usable without vLLM
         return
-    from vllm_ddtree.adapter import admission, config, cpu_attention, gpu_attention, proposer_slot
+    from vllm_ddtree.adapter import compat, config
 
-    missing = [what for module in (config, cpu_attention, gpu_attention, proposer_slot, admission)
-               for what, present in module.required_internals() if not present]
-    if missing:
-        raise RuntimeError(f"vllm-ddtree supports vLLM {','.join(SUPPORTED_VLLM)}; this vLLM {vllm.__version__} "
-                           f"lacks: {'; '.join(missing)}")
+    try:
+        problems = compat.incompatibilities()
+    except Exception as error:  # an internal that fails to import is a mismatch too
+        problems = [f"reading vLLM's internals failed ({error!r})"]
+    if problems:
+        message = (f"vllm-ddtree supports vLLM {compat.SUPPORTED_VLLM}; this vLLM ({vllm.__version__}) changed what "
+                   f'ddtree hooks: {"; ".join(problems)}. Method "ddtree" is refused (install a supported vLLM, '
+                   'or use method "dflash" with the same drafter); every other engine runs unchanged.')
+        if not getattr(register, "_warned", False):
+            logger.warning(message)
+            register._warned = True
+        if compat.config_front_door_works():
+            config.refuse(message)
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_ddtree.adapter import admission, cpu_attention, runner
+
     config.apply()
-    proposer_slot.apply()
+    runner.install(GPUModelRunner)
     cpu_attention.apply()
-    gpu_attention.apply()
     admission.apply()

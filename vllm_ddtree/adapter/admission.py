@@ -1,9 +1,15 @@
 """Request admission for ddtree engines: sampling features the tree verifier does not apply yet are
 refused when the request arrives (a 400 from the server, a ValueError from ``LLM.generate``), never
-mid-step, where an error would take the engine down.
+mid-step, where an error would take the engine down with every request in flight.
+
+This is the one place those features are checked; the verifier relies on it. The hook is on
+``InputProcessor.__init__`` (construction only): an input processor of a ddtree engine gets an
+instance-level ``_validate_params`` that adds the check; other engines keep vLLM's.
 """
 
 from __future__ import annotations
+
+import functools
 
 from vllm_ddtree.adapter.config import is_ddtree
 
@@ -33,29 +39,35 @@ def unsupported_feature(params) -> tuple[str, str] | None:
     return None
 
 
-def required_internals():
-    from vllm.v1.engine import input_processor
-
-    return [("vllm.v1.engine.input_processor.InputProcessor._validate_params",
-             hasattr(getattr(input_processor, "InputProcessor", None), "_validate_params"))]
-
-
 def apply() -> None:
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    if getattr(InputProcessor, "_ddtree_patched", False):
+    original_init = InputProcessor.__init__
+    if getattr(original_init, "_ddtree_hook", False):
         return
-    original = InputProcessor._validate_params
 
-    def _validate_params(self, params, supported_tasks):
-        result = original(self, params, supported_tasks)
-        if isinstance(params, SamplingParams) and is_ddtree(self.speculative_config):
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if is_ddtree(self.vllm_config.speculative_config):
+            _hook_instance(self)
+
+    __init__._ddtree_hook = True
+    InputProcessor.__init__ = __init__
+
+
+def _hook_instance(processor) -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    original = processor._validate_params
+
+    def _validate_params(params, *args, **kwargs):
+        result = original(params, *args, **kwargs)
+        if isinstance(params, SamplingParams):
             refused = unsupported_feature(params)
             if refused is not None:
                 raise VLLMValidationError(refused[1], parameter=refused[0])
         return result
 
-    InputProcessor._validate_params = _validate_params
-    InputProcessor._ddtree_patched = True
+    processor._validate_params = _validate_params

@@ -1,4 +1,4 @@
-"""``method: "ddtree"`` in vLLM's ``SpeculativeConfig``.
+"""``method: "ddtree"`` in vLLM's config classes.
 
 vLLM's method field is a closed ``Literal`` and every DFlash code path keys on ``method == "dflash"``.
 A ddtree config is therefore built as a dflash config (same drafter loading, aux hidden states, draft
@@ -7,16 +7,23 @@ KV cache) and marked with plain instance attributes: ``ddtree`` (True), ``ddtree
 attributes survive the pickling that ships configs to the engine and worker processes, and no class of
 ours has to be importable there before the plugin loads.
 
-A ddtree engine also gets, in ``VllmConfig``: the V1 model runner (our runner hooks are written for
-it; V2 comes later), and on GPUs piecewise CUDA graphs instead of full ones (the tree-attention hook
-decides per step in eager Python, outside the captured pieces). Both are logged when they apply.
+A ddtree engine also gets, in ``VllmConfig``, each logged when it applies: the V1 model runner (our
+runner hooks are written for it; V2 comes later); on GPUs piecewise CUDA graphs instead of full ones
+(the tree-attention hook decides per step in eager Python, outside the captured pieces); async
+scheduling off; attention + quantization fusion off. What it cannot run under is refused here,
+before the engine starts (:mod:`vllm_ddtree.adapter.support` has the rules).
+
+The hooks are on construction only (``__post_init__`` and two ``VllmConfig`` members): other engines
+pay one flag test when their config is built.
 """
 
 from __future__ import annotations
 
+import functools
 import typing
 
-from vllm_ddtree.adapter.options import check_budget, drafter_depth
+from vllm_ddtree.adapter.options import check_budget, drafter_depth, local_drafter_depth_hint
+from vllm_ddtree.adapter.support import check_engine_settings, check_target, refusal
 
 METHOD = "ddtree"
 
@@ -25,26 +32,21 @@ def is_ddtree(speculative_config) -> bool:
     return bool(speculative_config is not None and speculative_config.__dict__.get("ddtree", False))
 
 
-def required_internals():
-    """(what, present?) for every vLLM internal this module patches."""
-    from vllm.config import speculative, vllm as vllm_config
-
-    cls = speculative.SpeculativeConfig
-    engine = vllm_config.VllmConfig
-    return [
-        ("vllm.config.vllm.VllmConfig.use_v2_model_runner (property)",
-         isinstance(getattr(engine, "use_v2_model_runner", None), property)),
-        ("vllm.config.vllm.VllmConfig._maybe_override_dynamic_sd_cudagraph_mode",
-         hasattr(engine, "_maybe_override_dynamic_sd_cudagraph_mode")),
-        ("vllm.config.speculative.SpeculativeConfig.__post_init__", hasattr(cls, "__post_init__")),
-        ("SpeculativeConfig field 'method'", "method" in getattr(cls, "__dataclass_fields__", {})),
-        ("SpeculativeConfig.max_num_new_slots_for_drafting", isinstance(
-            getattr(cls, "max_num_new_slots_for_drafting", None), property)),
-        ("'dflash' in the method Literal", "dflash" in _literal_values(getattr(speculative, "SpeculativeMethod", None))),
-    ]
-
-
 def apply() -> None:
+    """Makes ``"ddtree"`` a working method (idempotent)."""
+    _accept_method(_build_ddtree)
+    _apply_engine_defaults()
+
+
+def refuse(message: str) -> None:
+    """Makes ``"ddtree"`` a known method that is refused with ``message`` (an incompatible vLLM)."""
+    def refused(config, *_):
+        raise ValueError(message)
+
+    _accept_method(refused)
+
+
+def _accept_method(build) -> None:
     from pydantic.dataclasses import rebuild_dataclass
     from vllm.config import speculative
 
@@ -56,43 +58,52 @@ def apply() -> None:
     cls.__dataclass_fields__["method"].type = widened
     original = cls.__post_init__
 
-    def __post_init__(self):
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
         if self.method != METHOD:
-            return original(self)
-        budget = check_budget(self.num_speculative_tokens)
-        _refuse_unsupported_platform()
-        depth_hint = _precheck_local_drafter(self.model)
-        self.method = "dflash"
-        original(self)
-        target = self.target_model_config
-        depth = drafter_depth(self.draft_model_config.hf_config, target.get_total_num_hidden_layers(),
-                              target.get_hidden_size(), target.get_vocab_size(), depth_hint)
-        _refuse_unsupported_target(target)
-        self.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
+            return original(self, *args, **kwargs)
+        build(self, original, *args, **kwargs)
 
     cls.__post_init__ = __post_init__
-    slots = cls.max_num_new_slots_for_drafting.fget
+    rebuild_dataclass(cls, force=True)
+    cls._ddtree_patched = True
+
+
+def _build_ddtree(config, original, *args, **kwargs) -> None:
+    budget = check_budget(config.num_speculative_tokens)
+    _refuse_unsupported_platform()
+    if config.disable_padded_drafter_batch:
+        raise refusal("disable_padded_drafter_batch=True (the tree commit addresses the padded batch)",
+                      "remove disable_padded_drafter_batch")
+    depth_hint = local_drafter_depth_hint(config.model)
+    config.method = "dflash"
+    original(config, *args, **kwargs)
+    target = config.target_model_config
+    depth = drafter_depth(config.draft_model_config.hf_config, target.get_total_num_hidden_layers(),
+                          target.get_hidden_size(), target.get_vocab_size(), depth_hint)
+    check_target(target)
+    config.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
+
+
+def _apply_engine_defaults() -> None:
+    from vllm import envs
+    from vllm.config import speculative
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.config.vllm import VllmConfig
+    from vllm.logger import init_logger
+
+    if getattr(VllmConfig, "_ddtree_patched", False):
+        return
+    log = init_logger("vllm.ddtree")  # a child of vLLM's logger: its level, handler, format, info_once
+    slots = speculative.SpeculativeConfig.max_num_new_slots_for_drafting.fget
+    use_v2 = VllmConfig.use_v2_model_runner.fget
+    override_graphs = VllmConfig._maybe_override_dynamic_sd_cudagraph_mode
+    post_init = VllmConfig.__post_init__
 
     def max_num_new_slots_for_drafting(self) -> int:
         # The scheduler keeps this many slots per request for the drafter's pass, which adds D query
         # rows per request (DFlash's K), whatever the tree budget B is.
         return self.ddtree_depth if is_ddtree(self) else slots(self)
-
-    cls.max_num_new_slots_for_drafting = property(max_num_new_slots_for_drafting)
-    rebuild_dataclass(cls, force=True)
-    cls._ddtree_patched = True
-    _apply_engine_defaults()
-
-
-def _apply_engine_defaults() -> None:
-    from vllm import envs
-    from vllm.config.compilation import CUDAGraphMode
-    from vllm.config.vllm import VllmConfig
-    from vllm.logger import init_logger
-
-    log = init_logger("vllm_ddtree")  # vLLM's logger: its info_once, its format
-    use_v2 = VllmConfig.use_v2_model_runner.fget
-    override_graphs = VllmConfig._maybe_override_dynamic_sd_cudagraph_mode
 
     def use_v2_model_runner(self) -> bool:
         if not is_ddtree(self.speculative_config):
@@ -103,19 +114,33 @@ def _apply_engine_defaults() -> None:
         log.info_once("ddtree: using the V1 model runner (the tree verifier and KV commit hook into it)")
         return False
 
-    def _maybe_override_dynamic_sd_cudagraph_mode(self) -> None:
-        override_graphs(self)
+    @functools.wraps(override_graphs)
+    def _maybe_override_dynamic_sd_cudagraph_mode(self, *args, **kwargs):
+        override_graphs(self, *args, **kwargs)
         if not is_ddtree(self.speculative_config):
             return
-        _refuse_unsupported_cache(self.cache_config)
         mode = self.compilation_config.cudagraph_mode
         if mode is not None and mode.has_full_cudagraphs():
             log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
                      "captured graphs)", mode.name)
             self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
+    @functools.wraps(post_init)
+    def __post_init__(self, *args, **kwargs):
+        if not is_ddtree(self.speculative_config):
+            return post_init(self, *args, **kwargs)
+        check_engine_settings(self, log)
+        post_init(self, *args, **kwargs)
+        passes = self.compilation_config.pass_config
+        if getattr(passes, "fuse_attn_quant", False):
+            log.info("ddtree: attention + quantization fusion off (the tree kernel writes unquantized outputs)")
+            passes.fuse_attn_quant = False
+
+    speculative.SpeculativeConfig.max_num_new_slots_for_drafting = property(max_num_new_slots_for_drafting)
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
     VllmConfig._maybe_override_dynamic_sd_cudagraph_mode = _maybe_override_dynamic_sd_cudagraph_mode
+    VllmConfig.__post_init__ = __post_init__
+    VllmConfig._ddtree_patched = True
 
 
 def _refuse_unsupported_platform() -> None:
@@ -125,70 +150,6 @@ def _refuse_unsupported_platform() -> None:
         raise ValueError(f'speculative_config method "ddtree" runs on NVIDIA GPUs and vLLM\'s CPU backend; '
                          f"{current_platform.device_name!r} is not supported yet. Use method \"dflash\" with the "
                          "same drafter on this platform.")
-
-
-def _precheck_local_drafter(model) -> int | None:
-    """Refuses a local non-DFlash checkpoint before vLLM tries (and fails obscurely) to load it as one.
-
-    Returns the tree depth a ``speculators``-format DFlash drafter declares (vLLM converts that format
-    itself, renumbering its layer ids, but drops the block size), else None.
-    """
-    import json
-    import os
-
-    path = os.path.join(model, "config.json") if isinstance(model, str) else None
-    if path is None or not os.path.isfile(path):
-        if model is None:
-            raise ValueError('speculative_config method "ddtree" needs "model": a DFlash drafter checkpoint')
-        return None
-    with open(path) as f:
-        config = json.load(f)
-    kind = config.get("speculators_model_type")
-    if kind is not None:
-        if kind != "dflash":
-            raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter; {model} is a '
-                             f'speculators "{kind}" checkpoint')
-        layer_config = config.get("transformer_layer_config") or {}
-        block_size = config.get("block_size") or layer_config.get("block_size")
-        if block_size:
-            return int(block_size) - 1
-        methods = (config.get("speculators_config") or {}).get("proposal_methods") or [{}]
-        return methods[0].get("speculative_tokens")
-    archs = config.get("architectures") or []
-    if not any("DFlash" in a for a in archs):
-        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
-                         f'architectures ["DFlashDraftModel"]); {model} has architectures {archs}')
-    return None
-
-
-def _refuse_unsupported_target(target) -> None:
-    hf = target.hf_text_config
-    if getattr(target, "uses_mrope", False):
-        raise ValueError('speculative_config method "ddtree" does not support M-RoPE targets: tree nodes need '
-                         "one position each (prefix + depth)")
-    layer_types = getattr(hf, "layer_types", None) or []
-    if getattr(target, "is_hybrid", False) or any(t not in ("full_attention", "attention") for t in layer_types):
-        raise ValueError('speculative_config method "ddtree" does not support hybrid (Mamba/GDN/sliding-window) '
-                         "targets: their recurrent state or window cannot branch over a tree")
-    if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
-        raise ValueError('speculative_config method "ddtree" does not support sliding-window attention targets')
-    # What the tree-attention kernel does not compute (the GPU hook re-checks each layer).
-    archs = " ".join(getattr(hf, "architectures", None) or [])
-    if getattr(hf, "attn_logit_softcapping", None):
-        raise ValueError('speculative_config method "ddtree" does not support targets with attention logit '
-                         "soft-capping (attn_logit_softcapping)")
-    if getattr(hf, "alibi", False) or getattr(hf, "position_embedding_type", None) == "alibi" or \
-            any(name in archs for name in ("Bloom", "MPT")):
-        raise ValueError('speculative_config method "ddtree" does not support ALiBi-position targets')
-    if "GptOss" in archs:
-        raise ValueError('speculative_config method "ddtree" does not support attention-sink targets (gpt-oss)')
-
-
-def _refuse_unsupported_cache(cache_config) -> None:
-    dtype = str(getattr(cache_config, "cache_dtype", "auto"))
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise ValueError(f'speculative_config method "ddtree" needs an unquantized KV cache; kv_cache_dtype '
-                         f'{dtype!r} is not supported: use "auto"')
 
 
 def _literal_values(tp) -> tuple:

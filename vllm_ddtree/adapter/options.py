@@ -18,14 +18,49 @@ def check_budget(budget) -> int:
     return budget
 
 
+def check_dflash_architectures(archs, model) -> None:
+    """The one DFlash architecture check, for a drafter's raw config.json and for vLLM's loaded config."""
+    if not any("DFlash" in a for a in archs or []):
+        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
+                         f'architectures ["DFlashDraftModel"]); {model} has architectures {list(archs or [])}')
+
+
+def local_drafter_depth_hint(model) -> int | None:
+    """Refuses a local non-DFlash checkpoint before vLLM tries (and fails obscurely) to load it as one.
+
+    Returns the tree depth a ``speculators``-format DFlash drafter declares (vLLM converts that format
+    itself, renumbering its layer ids, but drops the block size), else None.
+    """
+    import json
+    import os
+
+    if model is None:
+        raise ValueError('speculative_config method "ddtree" needs "model": a DFlash drafter checkpoint')
+    path = os.path.join(model, "config.json") if isinstance(model, str) else None
+    if path is None or not os.path.isfile(path):
+        return None  # a hub name: vLLM resolves it, drafter_depth checks what it loaded
+    with open(path) as f:
+        config = json.load(f)
+    kind = config.get("speculators_model_type")
+    if kind is None:
+        check_dflash_architectures(config.get("architectures"), model)
+        return None
+    if kind != "dflash":
+        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter; {model} is a '
+                         f'speculators "{kind}" checkpoint')
+    layer_config = config.get("transformer_layer_config") or {}
+    block_size = config.get("block_size") or layer_config.get("block_size")
+    if block_size:
+        return int(block_size) - 1
+    methods = (config.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    return methods[0].get("speculative_tokens")
+
+
 def drafter_depth(draft_hf_config, target_num_layers: int, target_hidden: int, target_vocab: int,
                   depth_hint: int | None = None) -> int:
     """Checks that the draft checkpoint is a DFlash drafter that fits the target; returns D (from the
     config's ``block_size``, else ``depth_hint``, the depth a speculators-format checkpoint declares)."""
-    archs = list(getattr(draft_hf_config, "architectures", None) or [])
-    if not any("DFlash" in a for a in archs):
-        raise ValueError(f'speculative_config method "ddtree" needs a DFlash drafter (z-lab checkpoint format, '
-                         f'architectures ["DFlashDraftModel"]); the draft model has architectures {archs}')
+    check_dflash_architectures(getattr(draft_hf_config, "architectures", None), "the draft model")
     block_size = getattr(draft_hf_config, "block_size", None)
     if block_size is None and depth_hint is not None:
         block_size = int(depth_hint) + 1

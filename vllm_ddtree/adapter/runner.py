@@ -1,41 +1,40 @@
-"""Round steps 3-5 in vLLM's V1 model runner: tree positions and mask, tree verification, KV commit.
+"""Round steps 3-5 in vLLM's V1 model runner, and the one place that hooks that runner.
 
-Hooks, applied to ``GPUModelRunner`` (``CPUModelRunner`` inherits them) and active only for a ddtree
-config:
+``GPUModelRunner`` (``CPUModelRunner`` inherits it) gets one class-level hook, on ``__init__``. A runner
+built for any other config runs vLLM's code untouched; a runner built for a ddtree config builds
+:class:`~vllm_ddtree.adapter.proposer.DDTreeProposer` where DFlash's proposer would be, and is then
+hooked per instance:
 
-* ``__init__``: the chain rejection sampler is replaced by :class:`TreeVerifier`.
-* ``_prepare_inputs``: after vLLM has laid out the step (sequential storage positions and slots), the
-  tree rows' RoPE positions become ``root + depth`` in the runner's own positions buffer (the one the
-  model reads, and the one a CUDA graph captures), and the step's tree attention metadata is published
-  for the attention backend.
+* ``rejection_sampler`` becomes :class:`TreeVerifier`: tree verification, then the KV commit of the
+  accepted path (the target's caches only, each once);
+* ``_prepare_inputs``: after vLLM laid the step out (sequential storage positions and slots), tree
+  rows get their RoPE positions ``root + depth`` in the runner's positions buffer (the one the model
+  reads and a CUDA graph captures), and the step's :class:`TreeAttentionMetadata` is made;
+* ``_build_attention_metadata``: that tree metadata is attached to the target layers' attention
+  metadata, where the attention hooks read it through vLLM's forward context, as vLLM's own
+  backends read theirs; a step without trees carries none, so nothing leaks between steps or engines;
+* ``initialize_kv_cache``: the target's attention layers are hooked and checked, and their caches
+  noted for the commit. What the tree path cannot serve is refused here, at engine start.
 
-:class:`DDTreeState` carries a request's tree from the step that drafted it to the step that verifies
-it (matched by request id: the batch can be reordered in between).
+:class:`DDTreeState` is the runner's own ddtree state: the trees the last step drafted (consumed by
+the next step, so a step whose drafter did not run leaves none behind), the step in flight, and the
+target's layers and caches. A V2-runner adapter would sit beside this module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
-from vllm_ddtree.tree import DraftTree, empty_tree
+from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
 from vllm_ddtree.verify import TreeSampling, verify_tree
-
-# The tree attention metadata of the target forward in flight, read by the attention backend hook.
-# One engine step runs at a time per worker process.
-ACTIVE_TREE_ATTENTION: list[TreeAttentionMetadata | None] = [None]
-# Layers that applied the tree mask in the forward in flight: a backend without our hook would
-# attend causally over the tree and verify garbage, so the verifier refuses a step where it is 0.
-_TREE_ATTENTION_CALLS = [0]
-
-
-def count_tree_attention_call() -> None:
-    _TREE_ATTENTION_CALLS[0] += 1
-
 
 @dataclass
 class StepTrees:
@@ -50,134 +49,247 @@ class StepTrees:
 
 
 class DDTreeState:
-    def __init__(self):
-        self.trees: DraftTree | None = None
-        self.tree_req_ids: list[str] = []
-        self.step: StepTrees | None = None
+    """One runner's ddtree state (see the module docstring)."""
 
-    @classmethod
-    def of(cls, runner) -> "DDTreeState":
-        if not hasattr(runner, "_ddtree_state"):
-            runner._ddtree_state = cls()
-        return runner._ddtree_state
+    def __init__(self, budget: int, depth: int):
+        self.budget, self.depth = budget, depth
+        self.drafted: tuple[DraftTree, list[str]] | None = None
+        self.step: StepTrees | None = None
+        self.pending_attention: TreeAttentionMetadata | None = None
+        self.target_layers: dict[str, object] = {}
+        self.kv_group = 0
+        self.commit_views: list[torch.Tensor] = []
 
     def remember_trees(self, tree: DraftTree, req_ids) -> None:
-        self.trees, self.tree_req_ids = tree, list(req_ids)
+        self.drafted = (tree, list(req_ids))
 
-    def trees_for(self, req_ids, num_draft: torch.Tensor, budget: int, depth: int) -> DraftTree:
-        """The drafted trees of ``req_ids`` in batch order, cut to the drafts the scheduler kept."""
-        R = len(req_ids)
-        dev = num_draft.device
-        index = {rid: i for i, rid in enumerate(self.tree_req_ids)}
-        rows = [index.get(rid, -1) for rid in req_ids]  # host bookkeeping, like vLLM's own per step
-        if self.trees is None:  # no step has drafted yet: nothing to verify
-            return empty_tree(R, budget, dev, depth)
-        rows_t = torch.tensor(rows, device=dev)
-        have = rows_t >= 0
-        rows_t = rows_t.clamp(min=0)
-        t = self.trees
-        num_nodes = torch.where(have, torch.minimum(t.num_nodes[rows_t], num_draft), 0)
-        slot = torch.arange(budget, device=dev)
-        used = slot.unsqueeze(0) < num_nodes.unsqueeze(1)
-        return DraftTree(
-            token_ids=torch.where(used, t.token_ids[rows_t], -1),
-            parents=torch.where(used, t.parents[rows_t], 0),
-            depths=torch.where(used, t.depths[rows_t], 1),
-            scores=t.scores[rows_t],
-            num_nodes=num_nodes,
-            ancestor_bits=t.ancestor_bits[rows_t],
-            max_depth=t.max_depth,
-        )
+    def take_trees(self) -> tuple[DraftTree, list[str]] | None:
+        drafted, self.drafted = self.drafted, None
+        return drafted
 
 
-def prepare_tree_step(runner, spec_decode_metadata) -> None:
+def install(runner_cls) -> None:
+    """The class-level hook on ``runner_cls.__init__`` (idempotent)."""
+    if getattr(runner_cls.__init__, "_ddtree_hook", False):
+        return
+    original_init = runner_cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        spec = vllm_config.speculative_config
+        if not is_ddtree(spec):
+            return original_init(self, *args, **kwargs)
+        self._ddtree = DDTreeState(spec.ddtree_budget, spec.ddtree_depth)
+        with _ddtree_proposer():
+            original_init(self, *args, **kwargs)
+        _hook_instance(self, self._ddtree)
+
+    __init__._ddtree_hook = True
+    runner_cls.__init__ = __init__
+
+
+@contextlib.contextmanager
+def _ddtree_proposer():
+    """The runner builds its drafter by the name ``DFlashProposer`` in its module; while a ddtree
+    runner is built that name is our subclass (``isinstance`` checks against DFlash still hold)."""
+    from vllm.v1.worker import gpu_model_runner as module
+
+    from vllm_ddtree.adapter.proposer import DDTreeProposer
+
+    original = module.DFlashProposer
+    module.DFlashProposer = DDTreeProposer
+    try:
+        yield
+    finally:
+        module.DFlashProposer = original
+
+
+def _hook_instance(runner, state: DDTreeState) -> None:
+    runner.rejection_sampler = TreeVerifier(runner, state, runner.rejection_sampler)
+    prepare, build, init_kv = runner._prepare_inputs, runner._build_attention_metadata, runner.initialize_kv_cache
+
+    def _prepare_inputs(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        prepare_tree_step(runner, state, out[1])
+        return out
+
+    def _build_attention_metadata(*args, **kwargs):
+        attn_metadata, common = build(*args, **kwargs)
+        attention, state.pending_attention = state.pending_attention, None
+        if attention is not None:
+            for name in state.target_layers:
+                setattr(attn_metadata[name], TREE_METADATA, attention)
+        return attn_metadata, common
+
+    def initialize_kv_cache(*args, **kwargs):
+        init_kv(*args, **kwargs)
+        attach_target_layers(runner, state)
+
+    runner._prepare_inputs = _prepare_inputs
+    runner._build_attention_metadata = _build_attention_metadata
+    runner.initialize_kv_cache = initialize_kv_cache
+
+
+def attach_target_layers(runner, state: DDTreeState) -> None:
+    """Hooks every target attention layer for tree steps and notes the caches the commit moves.
+
+    Raises at engine start for a target the tree path cannot serve: layers spread over several KV
+    cache groups, or an attention backend or layer feature the tree kernel does not compute.
+    """
+    drafter_layers = getattr(runner.drafter, "_draft_attn_layer_names", None)
+    if drafter_layers is None:
+        raise RuntimeError("ddtree cannot tell the drafter's attention layers from the target's in this vLLM")
+    group_of = {name: i for i, group in enumerate(runner.kv_cache_config.kv_cache_groups)
+                for name in group.layer_names if name not in drafter_layers}
+    if len(set(group_of.values())) != 1:
+        raise ValueError(f'speculative_config method "ddtree" needs the target\'s attention layers in one KV cache '
+                         f"group (one block table for the tree); this target has {len(set(group_of.values()))}")
+    layers = runner.compilation_config.static_forward_context
+    state.target_layers = {name: layers[name] for name in group_of}
+    state.kv_group = next(iter(group_of.values()))
+    caches = {}
+    for name, layer in state.target_layers.items():
+        hook_target_layer(name, layer)
+        caches.setdefault(layer.kv_cache.data_ptr(), layer.kv_cache)  # layers sharing a cache: once
+    layout = "cpu" if runner.device.type == "cpu" else "vllm"
+    state.commit_views = [view for cache in caches.values() for view in paged_kv_views(cache, layout)]
+
+
+def write_tree_positions(positions: torch.Tensor, step: StepTrees, offsets: torch.Tensor) -> None:
+    """``positions[root_row + j] = root_position + offsets[:, j - 1]`` for each request's tree rows
+    ``j = 1..num_draft`` (in place; other rows keep their values)."""
+    B = offsets.shape[1]
+    node = torch.arange(1, B + 1, device=positions.device)
+    in_tree = node.unsqueeze(0) <= step.num_draft.unsqueeze(1)
+    root_rows, roots = step.root_rows.unsqueeze(1), step.root_positions.unsqueeze(1)
+    rows = torch.where(in_tree, root_rows + node, root_rows)
+    values = torch.where(in_tree, roots + offsets, roots)  # non-tree slots rewrite the root's own value
+    positions.scatter_(0, rows.flatten(), values.flatten())
+
+
+def prepare_tree_step(runner, state: DDTreeState, spec_decode_metadata) -> None:
     """After vLLM's ``_prepare_inputs``: RoPE positions of tree rows, and the step's tree metadata."""
-    state = DDTreeState.of(runner)
-    state.step = None
-    ACTIVE_TREE_ATTENTION[0] = None  # a step without trees must never see last step's mask
-    _TREE_ATTENTION_CALLS[0] = 0
+    drafted = state.take_trees()
+    state.step = state.pending_attention = None
     if spec_decode_metadata is None:
         return
-    spec = runner.speculative_config
     num_reqs = runner.input_batch.num_reqs
     dev = runner.positions.device
-    num_draft = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64, device=dev)
-    tree = state.trees_for(runner.input_batch.req_ids[:num_reqs], num_draft, spec.ddtree_budget, spec.ddtree_depth)
+    cu_drafts = spec_decode_metadata.cu_num_draft_tokens.to(dev, torch.int64)
+    num_draft = cu_drafts - torch.cat([cu_drafts.new_zeros(1), cu_drafts[:-1]])
+    tree = _batch_trees(drafted, runner.input_batch.req_ids[:num_reqs], num_draft, state.budget, state.depth)
     query_start = runner.query_start_loc.gpu[: num_reqs + 1].to(torch.int64)
     root_rows = query_start[1:] - (num_draft + 1)
     positions = runner.positions
-    root_positions = positions[root_rows]
-    B = tree.max_nodes
-    node = torch.arange(1, B + 1, device=dev)
-    in_tree = node.unsqueeze(0) <= num_draft.unsqueeze(1)
-    rows = torch.where(in_tree, root_rows.unsqueeze(1) + node, root_rows.unsqueeze(1))
-    values = torch.where(in_tree, root_positions.unsqueeze(1) + tree.depths, root_positions.unsqueeze(1))
-    positions.scatter_(0, rows.flatten(), values.flatten())  # non-tree slots rewrite the root's own value
     attention = TreeAttentionMetadata(
         query_start_loc=query_start.to(torch.int32),
         seq_lens=runner.seq_lens[:num_reqs].to(torch.int32),
-        block_table=runner.input_batch.block_table[0].get_device_tensor(num_reqs).to(torch.int32),
+        block_table=runner.input_batch.block_table[state.kv_group].get_device_tensor(num_reqs).to(torch.int32),
         tree_bits=tree.ancestor_bits,
         tree_rows=torch.where(num_draft > 0, num_draft + 1, 0).to(torch.int32),
     )
-    state.step = StepTrees(tree, num_draft, root_rows, root_positions, attention)
-    ACTIVE_TREE_ATTENTION[0] = attention
+    state.step = StepTrees(tree, num_draft, root_rows, positions[root_rows], attention)
+    write_tree_positions(positions, state.step, tree.depths)
+    state.pending_attention = attention
+
+
+def _batch_trees(drafted, req_ids, num_draft: torch.Tensor, budget: int, depth: int) -> DraftTree:
+    """The drafted trees of ``req_ids`` in batch order, cut to the drafts the scheduler kept."""
+    from vllm.utils.torch_utils import async_tensor_h2d
+
+    R = len(req_ids)
+    dev = num_draft.device
+    if drafted is None:  # the drafter did not run last step: nothing to verify
+        return empty_tree(R, budget, dev, depth)
+    trees, tree_req_ids = drafted
+    index = {rid: i for i, rid in enumerate(tree_req_ids)}
+    rows = async_tensor_h2d([index.get(rid, -1) for rid in req_ids], dev, torch.int64)
+    mine = trees.take(rows.clamp(min=0))
+    num_nodes = torch.where(rows >= 0, torch.minimum(mine.num_nodes, num_draft), 0)
+    used = torch.arange(budget, device=dev).unsqueeze(0) < num_nodes.unsqueeze(1)
+    return DraftTree(
+        token_ids=torch.where(used, mine.token_ids, -1),
+        parents=torch.where(used, mine.parents, 0),
+        depths=torch.where(used, mine.depths, 1),
+        scores=mine.scores,
+        num_nodes=num_nodes,
+        ancestor_bits=mine.ancestor_bits,
+        max_depth=mine.max_depth,
+    )
 
 
 class TreeVerifier(torch.nn.Module):
     """Stands in for vLLM's ``RejectionSampler``: same call, same output format (-1 padded rows)."""
 
-    def __init__(self, runner, chain_sampler):
+    def __init__(self, runner, state: DDTreeState, chain_sampler):
         super().__init__()
         self.runner = runner
+        self.state = state
         self.chain_sampler = chain_sampler  # for vLLM's profiling dummy runs, which have no trees
         mode = chain_sampler.sampler.logprobs_mode
         if mode not in ("raw_logprobs", "raw_logits"):
             raise ValueError(f'speculative method ddtree returns logprobs in the raw modes only; logprobs_mode '
                              f'{mode!r} is not supported yet: use "raw_logprobs" (the default)')
 
-    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+    def forward(self, metadata, draft_probs, logits, sampling_metadata, *args, **kwargs):
         from vllm.v1.outputs import SamplerOutput
 
-        ACTIVE_TREE_ATTENTION[0] = None  # the target forward is over
-        step = DDTreeState.of(self.runner).step
-        if step is None:
-            return self.chain_sampler(metadata, draft_probs, logits, sampling_metadata)
-        _refuse_unsupported_sampling(sampling_metadata)
-        if _TREE_ATTENTION_CALLS[0] == 0:
-            raise RuntimeError("the target's attention backend did not apply ddtree's tree mask; ddtree hooks vLLM's "
-                               "CPU, FLASH_ATTN and TRITON_ATTN backends: select one (--attention-backend)")
-        tree = step.tree
+        step = self.state.step
+        if step is None:  # only vLLM's profiling and warm-up runs verify without a tree step
+            output = self.chain_sampler(metadata, draft_probs, logits, sampling_metadata, *args, **kwargs)
+            if logits.is_cuda:
+                self._reserve_tree_step_memory(logits)
+            return output
         dev = logits.device
         num_draft = step.num_draft
         first = metadata.cu_num_sampled_tokens.to(dev, torch.int64) - (num_draft + 1)
-        rows = first.unsqueeze(1) + torch.minimum(torch.arange(tree.max_nodes + 1, device=dev), num_draft.unsqueeze(1))
-        verdict = verify_tree(tree, logits[rows], _tree_sampling(sampling_metadata, num_draft.shape[0], dev),
-                              step.root_positions)
+        sampling = _tree_sampling(sampling_metadata, num_draft.shape[0], dev)
+        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first)
         step.accepted_nodes = verdict.accepted_nodes
         self._commit_kv(step, verdict.accepted_nodes)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
-            logprobs = self._logprobs(logits, rows, verdict, sampling_metadata.max_num_logprobs)
+            logprobs = self._logprobs(logits, first, verdict, sampling_metadata.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=verdict.output_tokens.to(torch.int32), logprobs_tensors=logprobs)
 
-    def _logprobs(self, logits, rows, verdict, max_num_logprobs):
+    def _logprobs(self, logits, first, verdict, max_num_logprobs):
         """Logprobs of each emitted token at the node the target sampled it from, in vLLM's layout:
         one row per output slot ``[R * (D+1)]``; slots past the path are dropped by vLLM's parser."""
         sampler = self.chain_sampler.sampler
-        node_rows = rows.gather(1, verdict.accepted_nodes.clamp(min=0)).flatten()
+        node_rows = (first.unsqueeze(1) + verdict.accepted_nodes.clamp(min=0)).flatten()
         node_logits = logits[node_rows].float()
         values = node_logits if sampler.logprobs_mode == "raw_logits" else sampler.compute_logprobs(node_logits)
         return sampler.gather_logprobs(values, max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
     def _commit_kv(self, step, accepted_nodes) -> None:
-        caches = self.runner.kv_caches
-        if not caches:
+        views = self.state.commit_views
+        if not views:
             return
-        layout = "cpu" if caches[0].device.type == "cpu" else "vllm"
-        block_size = caches[0].shape[2]
-        plan = plan_commit(step.attention.block_table, block_size, step.root_positions, accepted_nodes)
-        commit_accepted_kv([view for cache in caches for view in paged_kv_views(cache, layout)], plan)
+        plan = plan_commit(step.attention.block_table, views[0].shape[1], step.root_positions, accepted_nodes)
+        commit_accepted_kv(views, plan)
+
+    def _reserve_tree_step_memory(self, logits: torch.Tensor) -> None:
+        """Runs a full-size tree step during vLLM's memory profiling, so that the KV cache is sized
+        with the tree build's and the verifier's peak reserved (the profile itself only runs the chain
+        sampler over one draft per request)."""
+        scheduler = self.runner.scheduler_config
+        reserve_tree_step_memory(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, self.state.budget,
+                                 self.state.depth, logits.shape[-1], logits.dtype, logits.device)
+
+
+def reserve_tree_step_memory(max_num_seqs: int, max_num_batched_tokens: int, budget: int, depth: int, vocab: int,
+                             dtype: torch.dtype, device) -> tuple[int, int]:
+    """Drafts and verifies the largest tree step the scheduler can form, on random logits; returns
+    (requests drafted, trees verified). A step verifies at most ``max_num_batched_tokens`` rows."""
+    drafted = max_num_seqs
+    verified = max(1, min(max_num_seqs, max_num_batched_tokens // (budget + 1)))
+    tree = build_tree(torch.randn(drafted, depth, vocab, dtype=dtype, device=device), budget).take(slice(verified))
+    logits = torch.randn(verified * (budget + 1), vocab, dtype=dtype, device=device)
+    sampling = TreeSampling.uniform(verified, temperature=1.0, top_k=vocab // 2, top_p=0.9, min_p=0.1, device=device)
+    verify_tree(tree, logits, sampling, torch.zeros(verified, dtype=torch.int64, device=device),
+                row_starts=torch.arange(verified, device=device) * (budget + 1))
+    return drafted, verified
 
 
 def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
@@ -195,7 +307,8 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
     if seeded:
         index, seed = async_tensor_h2d(seeded, device, torch.int64).T
         seeds[index] = seed
-    # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode).
+    # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode); the
+    # features ddtree does not apply yet (penalties, bad words, ...) are refused on arrival (admission).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
                         all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None,
                         uses_min_p=False)
@@ -204,29 +317,3 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
 def _as_int64(seed: int) -> int:
     """torch keeps seeds as uint64 (a negative seed wraps): the same 64 bits, read as signed."""
     return seed - 2**64 if seed >= 2**63 else seed
-
-
-def _refuse_unsupported_sampling(meta) -> None:
-    if not meta.no_penalties or meta.allowed_token_ids_mask is not None or meta.bad_words_token_ids:
-        raise NotImplementedError("ddtree does not apply presence/frequency/repetition penalties, allowed_token_ids "
-                                  "or bad_words to tree nodes yet; drop them or use method 'dflash'")
-
-
-def install(runner_cls) -> None:
-    """Wraps the runner's ``__init__`` and ``_prepare_inputs``; a ddtree-less runner is untouched."""
-    original_init = runner_cls.__init__
-    original_prepare = runner_cls._prepare_inputs
-
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        if is_ddtree(self.speculative_config):
-            self.rejection_sampler = TreeVerifier(self, self.rejection_sampler)
-
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        out = original_prepare(self, scheduler_output, num_scheduled_tokens)
-        if is_ddtree(self.speculative_config):
-            prepare_tree_step(self, out[1])
-        return out
-
-    runner_cls.__init__ = __init__
-    runner_cls._prepare_inputs = _prepare_inputs

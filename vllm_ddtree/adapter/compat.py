@@ -1,0 +1,126 @@
+"""What the adapter needs of vLLM, checked before anything is patched.
+
+Every vLLM function the adapter wraps or stands in for is listed here with the parameter names it
+had in the vLLM versions this release was written against (0.32 and 0.33: identical for all of
+them). :func:`incompatibilities` compares them with the vLLM that is installed; any difference
+(a missing name, a renamed or added parameter) means that vLLM changed code we hook, and the plugin
+then patches nothing but the refusal of ``"method": "ddtree"`` (see :mod:`vllm_ddtree.plugin`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+SUPPORTED_VLLM = ">=0.32,<0.34"
+
+PROPERTY = "property"  # the name must be a property, not a function
+
+# dotted path -> the parameter names its signature must have (or PROPERTY, or None: only present).
+REQUIRED: dict[str, tuple[str, ...] | str | None] = {
+    # config front door (config.py)
+    "vllm.config.speculative.SpeculativeConfig.__post_init__": ("self",),
+    "vllm.config.speculative.SpeculativeConfig.max_num_new_slots_for_drafting": PROPERTY,
+    "vllm.config.speculative.SpeculativeMethod": None,
+    "vllm.config.vllm.VllmConfig.__post_init__": ("self",),
+    "vllm.config.vllm.VllmConfig.use_v2_model_runner": PROPERTY,
+    "vllm.config.vllm.VllmConfig._maybe_override_dynamic_sd_cudagraph_mode": ("self",),
+    # request admission (admission.py)
+    "vllm.v1.engine.input_processor.InputProcessor.__init__": ("self", "vllm_config", "renderer", "mm_registry"),
+    "vllm.v1.engine.input_processor.InputProcessor._validate_params": ("self", "params", "supported_tasks"),
+    # the V1 runner (runner.py)
+    "vllm.v1.worker.gpu_model_runner.DFlashProposer": None,
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__": ("self", "vllm_config", "device"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs": (
+        "self", "scheduler_output", "num_scheduled_tokens"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata": (
+        "self", "num_tokens", "num_reqs", "max_query_len", "num_tokens_padded", "num_reqs_padded", "ubatch_slices",
+        "logits_indices", "max_num_sampled_tokens", "use_spec_decode", "for_cudagraph_capture",
+        "num_scheduled_tokens", "slot_mappings"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache": (
+        "self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context"),
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.forward": (
+        "self", "metadata", "draft_probs", "logits", "sampling_metadata"),
+    "vllm.v1.sample.sampler.Sampler.compute_logprobs": ("logits",),
+    "vllm.v1.sample.sampler.Sampler.gather_logprobs": ("logprobs", "num_logprobs", "token_ids"),
+    "vllm.utils.torch_utils.async_tensor_h2d": ("data", "device", "dtype", "out"),
+    # the drafter (proposer.py)
+    "vllm.v1.spec_decode.dflash.DFlashProposer.__init__": ("self", "vllm_config", "device", "runner"),
+    "vllm.v1.spec_decode.dflash.DFlashProposer.propose": (
+        "self", "num_speculative_tokens", "target_token_ids", "target_positions", "target_hidden_states",
+        "next_token_ids", "token_indices_to_sample", "common_attn_metadata", "sampling_metadata",
+        "mm_embed_inputs", "num_rejected_tokens_gpu", "slot_mappings"),
+    "vllm.v1.spec_decode.dflash.DFlashProposer._sample_draft_tokens": (
+        "self", "hidden_states", "sampling_metadata"),
+    # attention (cpu_attention.py, gpu_attention.py)
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": (
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+        "output_block_scale"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder.__init__": (
+        "self", "kv_cache_spec", "layer_names", "vllm_config", "device"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder._set_isa_to_layers": ("self", "layer_names"),
+    "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward": (
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+        "output_block_scale"),
+    "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward": (
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+        "output_block_scale"),
+}
+
+
+def resolve(path: str):
+    """The object at a dotted path (module, then attributes); raises LookupError if absent."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            if attr not in _namespace(obj):
+                raise LookupError(path)
+            obj = _namespace(obj)[attr]
+        return obj
+    raise LookupError(path)
+
+
+def _namespace(obj) -> dict:
+    """Attributes as defined (class dicts along the MRO), so a property is seen as a property."""
+    if isinstance(obj, type):
+        merged = {}
+        for klass in reversed(obj.__mro__):
+            merged.update(vars(klass))
+        return merged
+    return vars(obj)
+
+
+def mismatch(path: str, expected) -> str | None:
+    """Why the installed vLLM's ``path`` differs from what the adapter hooks, or None."""
+    try:
+        obj = resolve(path)
+    except LookupError:
+        return f"{path} is missing"
+    if expected is None:
+        return None
+    if expected == PROPERTY:
+        return None if isinstance(obj, property) else f"{path} is no longer a property"
+    func = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
+    try:
+        params = tuple(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return f"{path} has no readable signature"
+    if params != expected:
+        return f"{path} takes ({', '.join(params)}), ddtree hooks ({', '.join(expected)})"
+    return None
+
+
+def incompatibilities(required: dict | None = None) -> list[str]:
+    """Every difference between the installed vLLM and :data:`REQUIRED`, as readable lines."""
+    return [why for path, expected in (required or REQUIRED).items()
+            if (why := mismatch(path, expected)) is not None]
+
+
+def config_front_door_works() -> bool:
+    """Whether ``"method": "ddtree"`` can at least be recognised (and refused with our message)."""
+    return not incompatibilities({path: expected for path, expected in REQUIRED.items()
+                                  if path.startswith("vllm.config.speculative.")})
