@@ -69,21 +69,53 @@ def test_commit_matches_naive_and_kernel(layout, dtype, block_size, device):
                 assert torch.equal(got_view.cpu(), want_view), f"use_triton={use_triton}"
 
 
-def test_cpu_layout_is_what_vllm_cpu_writes():
-    # The "cpu" views must read back exactly what vLLM's CPU backend stores (ISAs vec and vec16).
+def _written_by_vllm_cpu(isa, blocks, heads, block_size, head_dim, dtype, gen):
+    """A cache filled by vLLM's CPU cache op in ``isa``'s layout; (cache, slots, keys, values)."""
     from vllm import _custom_ops as ops
 
-    for isa, block_size, head_dim in [("vec", 32, 64), ("vec16", 16, 32), ("vec", 64, 32)]:
-        blocks, heads = 3, 2
-        T = blocks * block_size - 5
-        cache = torch.zeros(blocks, heads, block_size, 2 * head_dim)
-        key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)
-        keys, values = torch.randn(T, heads, head_dim), torch.randn(T, heads, head_dim)
-        slots = torch.randperm(blocks * block_size)[:T]
-        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
-        key_view, value_view = paged_kv_views(cache, "cpu")
-        assert torch.equal(key_view[slots // block_size, slots % block_size], keys), isa
-        assert torch.equal(value_view[slots // block_size, slots % block_size], values), isa
+    T = blocks * block_size - 5
+    cache = torch.zeros(blocks, heads, block_size, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    keys = torch.randn(T, heads, head_dim, generator=gen).to(dtype)
+    values = torch.randn(T, heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:T]
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+    return cache, slots, keys, values
+
+
+@pytest.mark.parametrize("isa,layout,block_size,head_dim,dtype", [
+    ("vec", "cpu", 32, 64, torch.float32), ("vec16", "cpu", 16, 32, torch.float32), ("vec", "cpu", 64, 32, torch.float32),
+    ("amx", "cpu_amx", 32, 64, torch.bfloat16), ("amx", "cpu_amx", 64, 128, torch.bfloat16),
+    ("amx", "cpu_amx", 128, 64, torch.bfloat16)])
+def test_cpu_layouts_are_what_vllm_cpu_writes(isa, layout, block_size, head_dim, dtype):
+    # The "cpu" and "cpu_amx" views must read back exactly what vLLM's CPU backend stores in each ISA,
+    # and tokens written through them must land in the bytes vLLM's op writes.
+    gen = torch.Generator().manual_seed(block_size + head_dim)
+    cache, slots, keys, values = _written_by_vllm_cpu(isa, 3, 2, block_size, head_dim, dtype, gen)
+    key_view, value_view = paged_kv_views(cache, layout)
+    where = (slots // block_size, slots % block_size)
+    assert torch.equal(key_view[where], keys) and torch.equal(value_view[where], values)
+    rewritten = torch.full_like(cache, float("nan"))
+    key_view, value_view = paged_kv_views(rewritten, layout)
+    key_view[where], value_view[where] = keys, values
+    written = ~rewritten.isnan()
+    assert torch.equal(rewritten[written], cache[written]) and written.sum() == 2 * keys.numel()
+
+
+def test_commit_on_the_amx_layout_moves_what_it_moves_on_the_vec_layout():
+    # The same tokens in vLLM's "amx" and "vec" layouts; one commit plan; the same tokens afterwards.
+    gen = torch.Generator().manual_seed(3)
+    R, depth, budget, block_size = 4, 5, 24, 32
+    amx, slots, keys, values = _written_by_vllm_cpu("amx", 8, 2, block_size, 64, torch.bfloat16, gen)
+    vec, _, _, _ = _written_by_vllm_cpu("vec", 8, 2, block_size, 64, torch.bfloat16, torch.Generator().manual_seed(3))
+    block_table = torch.randperm(8, generator=gen)[: R * 2].view(R, 2)
+    plan = plan_commit(block_table, block_size, torch.tensor([3, 10, 0, 30]), _random_paths(gen, R, depth, budget))
+    assert plan.moves.any()
+    for cache, layout in ((amx, "cpu_amx"), (vec, "cpu")):
+        commit_accepted_kv(list(paged_kv_views(cache, layout)), plan)
+    everywhere = (torch.arange(8).repeat_interleave(block_size), torch.arange(block_size).repeat(8))
+    for a, v in zip(paged_kv_views(amx, "cpu_amx"), paged_kv_views(vec, "cpu")):
+        assert torch.equal(a[everywhere], v[everywhere])
 
 
 def test_overlapping_path_reads_before_writes(device):

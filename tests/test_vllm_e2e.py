@@ -471,3 +471,31 @@ def test_profile_run_reserves_the_largest_tree_step():
     assert reserve_tree_step_memory(8, 64, 16, 7, 300, torch.float32, "cpu") == (8, 3)
     assert reserve_tree_step_memory(8, 8192, 16, 7, 300, torch.bfloat16, "cpu") == (8, 8)
     assert reserve_tree_step_memory(4, 10, 16, 7, 300, torch.float32, "cpu") == (4, 1)
+
+
+def test_bf16_engine_keeps_vllms_cpu_attention_isa(models, reference):
+    # In bf16 on an AMX machine vLLM's CPU attention packs the KV cache for its tile units ("amx" ISA);
+    # ddtree reads and commits that layout as it is (it used to force every layer to "vec").
+    import torch
+
+    def isas(llm):
+        runner = model_runner(llm)
+        return {layer.isa for layer in runner._ddtree.target_layers.values()}
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    plain = run(models, params=params, dtype="bfloat16")
+    tree = run(models, params=params, spec={"method": "ddtree", "num_speculative_tokens": 16}, dtype="bfloat16",
+               after=isas)
+    assert tree.inspected == ({"amx"} if torch.cpu._is_amx_tile_supported() else {"vec"})
+    assert tree.tau >= 1.9
+    # bf16 rounds the 17-row verify forward differently from a one-row decode step: an output may part
+    # from the plain one only where the plain run's two best tokens tie within bf16's rounding.
+    differ = 0
+    for want, got in zip(plain.outputs, tree.outputs):
+        a, b = list(want.outputs[0].token_ids), list(got.outputs[0].token_ids)
+        if a != b:
+            differ += 1
+            j = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+            top = want.outputs[0].logprobs[j]
+            assert b[j] in top and top[a[j]].logprob - top[b[j]].logprob < 0.02, (j, top)
+    assert differ <= 2

@@ -29,8 +29,12 @@ import torch
 #                 0.32+ hands to its GPU backends, K and V side by side in the last dim (any strides)
 #   "cpu":        the same shape, as vLLM's CPU backend fills its bytes (ISAs "vec" and "vec16"): per
 #                 block and head, the keys transposed [head_dim, block_size], then the values
-#                 [block_size, head_dim]. (Its "amx" ISA packs bf16 pairs and is not addressable.)
-LAYOUTS = ("flash_attn", "vllm", "cpu")
+#                 [block_size, head_dim].
+#   "cpu_amx":    the same shape, as its "amx" ISA (bf16 on AMX machines) packs them for the tile
+#                 units: per block and head, keys [block_size/16, head_dim/2, 16 tokens, 2 dims], then
+#                 values [head_dim/16, block_size/2, 16 dims, 2 tokens]. No strided view reaches a
+#                 token there, so its views are :class:`PackedTokens` (indexing only, CPU only).
+LAYOUTS = ("flash_attn", "vllm", "cpu", "cpu_amx")
 
 
 def paged_kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +51,46 @@ def paged_kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
         keys = kv_cache.view(blocks, heads, 2, head_dim, block_size)[:, :, 0].permute(0, 3, 1, 2)
         values = kv_cache.view(blocks, heads, 2, block_size, head_dim)[:, :, 1].permute(0, 2, 1, 3)
         return keys, values
+    if layout == "cpu_amx":
+        return PackedTokens(kv_cache, keys=True), PackedTokens(kv_cache, keys=False)
     raise ValueError(f"unknown KV cache layout {layout!r}; known: {', '.join(LAYOUTS)}")
+
+
+class PackedTokens:
+    """Token-major access, as ``[num_blocks, block_size, kv_heads, head_dim]``, to the keys or the values
+    of a ``"cpu_amx"`` cache (see :data:`LAYOUTS`): ``view[blocks, offsets]`` gathers whole tokens
+    (index tensors of one shape S -> ``S + [kv_heads, head_dim]``) and ``view[blocks, offsets] = rows``
+    writes them, which is all the dense tree attention and the KV commit do with a view."""
+
+    TOKENS, PAIR = 16, 2  # the tile's 16 rows, and the bf16 pair packed in each 32-bit lane
+
+    def __init__(self, kv_cache: torch.Tensor, keys: bool):
+        blocks, heads, block_size, content = kv_cache.shape
+        head_dim = content // 2
+        half = kv_cache.view(blocks, heads, 2, block_size * head_dim)[:, :, 0 if keys else 1]
+        if keys:  # [blocks, heads, block_size/16, head_dim/2, 16, 2]: token t, dims (2i, 2i+1)
+            self.packed = half.view(blocks, heads, block_size // self.TOKENS, head_dim // 2, self.TOKENS, self.PAIR)
+        else:  # [blocks, heads, head_dim/16, block_size/2, 16, 2]: tokens (2j, 2j+1), dim d
+            self.packed = half.view(blocks, heads, head_dim // self.TOKENS, block_size // 2, self.TOKENS, self.PAIR)
+        self.keys = keys
+        self.shape = torch.Size((blocks, block_size, heads, head_dim))
+        self.dtype, self.device, self.is_cuda = kv_cache.dtype, kv_cache.device, kv_cache.is_cuda
+
+    def _index(self, blocks: torch.Tensor, offsets: torch.Tensor):
+        colon = slice(None)
+        if self.keys:
+            return blocks, colon, offsets // self.TOKENS, colon, offsets % self.TOKENS, colon
+        return blocks, colon, colon, offsets // self.PAIR, colon, offsets % self.PAIR
+
+    def __getitem__(self, index) -> torch.Tensor:
+        blocks, offsets = index
+        return self.packed[self._index(blocks, offsets)].reshape(*blocks.shape, *self.shape[2:])
+
+    def __setitem__(self, index, rows: torch.Tensor) -> None:
+        blocks, offsets = index
+        heads, head_dim = self.shape[2:]
+        packed_rows = (heads, head_dim // 2, self.PAIR) if self.keys else (heads, head_dim // self.TOKENS, self.TOKENS)
+        self.packed[self._index(blocks, offsets)] = rows.reshape(*blocks.shape, *packed_rows)
 
 
 @dataclass

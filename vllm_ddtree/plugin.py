@@ -40,9 +40,8 @@ def register() -> None:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_ddtree.adapter import admission, cpu_attention, runner
+    from vllm_ddtree.adapter import admission, runner
 
     config.apply()
     runner.install(GPUModelRunner)
-    cpu_attention.apply()
     admission.apply()

@@ -56,9 +56,6 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": (
         "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
         "output_block_scale"),
-    "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder.__init__": (
-        "self", "kv_cache_spec", "layer_names", "vllm_config", "device"),
-    "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder._set_isa_to_layers": ("self", "layer_names"),
     "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward": (
         "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
         "output_block_scale"),

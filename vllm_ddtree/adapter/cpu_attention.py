@@ -3,21 +3,18 @@ verifies trees each target layer runs the dense-mask path over the same paged ca
 (:func:`vllm_ddtree.tree_attention.tree_attention_dense`, planned by the step's first layer and
 reused by the others). Steps without trees and the drafter's own non-causal pass stay on vLLM's kernel.
 
-It reads the cache through the ``"cpu"`` views, which match the ``vec``/``vec16`` ISAs; for a ddtree
-engine the ``amx`` ISA (bf16 on AMX machines, pair-packed) is therefore replaced by ``vec`` (the one
-class-level hook here is on the metadata builder's ``__init__``: engine construction only).
+It reads the cache in the layout of the layer's ISA, which vLLM picks as for any engine: ``vec`` and
+``vec16`` (strided ``"cpu"`` views) and ``amx`` (bf16 on AMX machines, tile-packed: ``"cpu_amx"``).
 """
 
 from __future__ import annotations
 
-import functools
-
 from vllm_ddtree.adapter.attention_hook import call_output, tree_metadata, wrap_forward
-from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.adapter.support import refusal
 from vllm_ddtree.kv_commit import paged_kv_views
 from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense
 
-ADDRESSABLE_ISAS = ("vec", "vec16")
+LAYOUT_OF_ISA = {"vec": "cpu", "vec16": "cpu", "amx": "cpu_amx"}
 
 
 def serves(impl) -> bool:
@@ -26,17 +23,25 @@ def serves(impl) -> bool:
     return isinstance(impl, CPUAttentionBackendImpl)
 
 
+def cache_layout(name: str, layer) -> str:
+    """The :data:`vllm_ddtree.kv_commit.LAYOUTS` entry of a CPU layer's cache; refuses other ISAs."""
+    isa = getattr(layer, "isa", None)
+    if isa not in LAYOUT_OF_ISA:
+        raise refusal(f"vLLM's CPU attention ISA {isa!r} (target layer {name}; ddtree reads the caches of the "
+                      f"{', '.join(LAYOUT_OF_ISA)} ISAs)")
+    return LAYOUT_OF_ISA[isa]
+
+
 def hook(name: str, layer) -> None:
     """Gives one target layer the tree mask on tree steps (an instance attribute of its ``impl``)."""
-    if getattr(layer, "isa", None) not in ADDRESSABLE_ISAS:
-        raise ValueError(f"ddtree cannot read the CPU KV cache of layer {name} in ISA {getattr(layer, 'isa', None)!r}")
     impl = layer.impl
+    layout = cache_layout(name, layer)
 
     def tree_forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
         tree = tree_metadata(attn_metadata)
         output = call_output(args, kwargs)
         n = attn_metadata.num_actual_tokens
-        keys, values = paged_kv_views(kv_cache, "cpu")
+        keys, values = paged_kv_views(kv_cache, layout)
         if tree.dense_plan is None:
             tree.dense_plan = plan_dense(tree, keys.shape[1])
         tree_attention_dense(query[:n].view(n, impl.num_heads, impl.head_size), keys, values, tree, impl.scale,
@@ -44,21 +49,3 @@ def hook(name: str, layer) -> None:
         return output
 
     wrap_forward(impl, tree_forward)
-
-
-def apply() -> None:
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
-
-    original_init = CPUAttentionMetadataBuilder.__init__
-    if getattr(original_init, "_ddtree_hook", False):
-        return
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        if is_ddtree(self.vllm_config.speculative_config) and self.isa not in ADDRESSABLE_ISAS:
-            self.isa = "vec"
-            self._set_isa_to_layers(self.layer_names)
-
-    __init__._ddtree_hook = True
-    CPUAttentionMetadataBuilder.__init__ = __init__

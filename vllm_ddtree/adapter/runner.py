@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
@@ -106,6 +107,11 @@ def _ddtree_proposer():
 
 
 def _hook_instance(runner, state: DDTreeState) -> None:
+    if runner.device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        # vLLM 0.32's CPU build runs its AMX attention kernel ("amx" ISA, bf16) without asking the OS
+        # for AMX permission; in a process where nothing else asked first it dies of SIGILL (seen with
+        # head_dim 32, in vLLM's own engines too). ddtree engines keep that ISA, so they ask.
+        torch.cpu._init_amx()
     runner.rejection_sampler = TreeVerifier(runner, state, runner.rejection_sampler)
     prepare, build, init_kv = runner._prepare_inputs, runner._build_attention_metadata, runner.initialize_kv_cache
 
@@ -151,9 +157,9 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
     caches = {}
     for name, layer in state.target_layers.items():
         hook_target_layer(name, layer)
-        caches.setdefault(layer.kv_cache.data_ptr(), layer.kv_cache)  # layers sharing a cache: once
-    layout = "cpu" if runner.device.type == "cpu" else "vllm"
-    state.commit_views = [view for cache in caches.values() for view in paged_kv_views(cache, layout)]
+        layout = cpu_attention.cache_layout(name, layer) if runner.device.type == "cpu" else "vllm"
+        caches.setdefault(layer.kv_cache.data_ptr(), (layer.kv_cache, layout))  # layers sharing a cache: once
+    state.commit_views = [view for cache, layout in caches.values() for view in paged_kv_views(cache, layout)]
 
 
 def write_tree_positions(positions: torch.Tensor, step: StepTrees, offsets: torch.Tensor) -> None:
