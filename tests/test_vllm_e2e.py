@@ -6,6 +6,7 @@ proposes, so at budgets >= 10 every step accepts a node, usually one deep in the
 KV commit, the tree positions and the tree mask all matter for the output to stay identical.
 """
 
+import json
 import os
 
 import pytest
@@ -36,8 +37,13 @@ ENGINE = dict(dtype="float32", gpu_memory_utilization=0.5, seed=0, enforce_eager
 
 
 def run(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
-    """One engine on the tiny pair (``spec`` without the drafter's path), as an EngineRun."""
+    """One engine on the tiny pair (``spec`` without the drafter's path), as an EngineRun.
+
+    A ddtree engine here gets the fixed budget unless the test names a policy: the cost-aware
+    policy's node counts follow this machine's timings, and most tests need every tree verified."""
     target, drafter = models
+    if spec is not None and spec.get("method") == "ddtree":
+        spec = {"ddtree_budget": "fixed", **spec}
     return run_engine(target, prompts, params, spec and {"model": drafter, **spec}, **{**ENGINE, **engine})
 
 
@@ -60,6 +66,61 @@ def test_greedy_equals_no_speculation(models, reference, budget):
     assert drafts > 0 and counters["vllm:spec_decode_num_draft_tokens"] == drafts * budget
     if budget >= 16:  # the ten likely tokens all sit at depth 1: every step accepts a node
         assert (counters["vllm:spec_decode_num_accepted_tokens"] or 0) >= 0.9 * drafts
+
+
+FREE_ROWS = {"step": {"1": 0.01, "4096": 0.01}, "draft": {"1": 0.001, "256": 0.001}}  # every node pays
+DEAR_ROWS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.001, "256": 0.001}}  # none pays
+
+
+def test_cost_aware_budget_with_free_rows_is_the_fixed_budget(models, reference, tmp_path):
+    # A cost table where extra rows cost nothing keeps every node: token for token and step for step
+    # what the fixed budget does. The table may also come as a JSON file.
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(FREE_ROWS))
+    fixed = run(models, spec={"method": "ddtree", "num_speculative_tokens": 16})
+    costed = run(models, spec={"method": "ddtree", "num_speculative_tokens": 16, "ddtree_budget": "cost-aware",
+                               "ddtree_step_costs": str(path)})
+    assert costed.tokens == fixed.tokens == reference
+    for name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens"):
+        assert costed.metrics[name] == fixed.metrics[name] > 0, name
+
+
+def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
+    # A table where a second row costs far more than a token is worth keeps no node: every step emits
+    # one token per request (no draft is ever verified), the output is the target's, and the drafter
+    # drafts only once in PROBE_INTERVAL steps (the others keep its context without drafting).
+    from vllm_ddtree.adapter.runner import PROBE_INTERVAL
+
+    passes = []
+
+    def count_drafter_passes(llm):
+        drafter = model_runner(llm).drafter
+        propose = drafter.propose
+
+        def counted(*args, **kwargs):
+            drafts = propose(*args, **kwargs)
+            passes.append(drafts.shape[1])
+            return drafts
+
+        drafter.propose = counted
+
+    result = run(models, spec={"method": "ddtree", "num_speculative_tokens": 16, "ddtree_budget": "cost-aware",
+                               "ddtree_step_costs": DEAR_ROWS}, before=count_drafter_passes)
+    assert result.tokens == reference
+    assert not result.metrics.get("vllm:spec_decode_num_drafts")
+    full = sum(width > 0 for width in passes)
+    assert len(passes) >= 39 and full <= len(passes) // PROBE_INTERVAL + 2
+
+
+@pytest.mark.parametrize("budget", [4, 64])
+def test_cost_aware_budget_measured_here_is_lossless(models, reference, budget):
+    # The default policy, with step costs timed on this machine at engine start.
+    tokens, counters = generate(models, spec={"method": "ddtree", "num_speculative_tokens": budget,
+                                              "ddtree_budget": "cost-aware"})
+    assert tokens == reference
+    assert (counters.get("vllm:spec_decode_num_draft_tokens") or 0) <= budget * (counters.get(
+        "vllm:spec_decode_num_drafts") or 0)
 
 
 def test_greedy_equals_dflash_chain(models, reference):
@@ -298,6 +359,13 @@ def test_unsupported_request_features_are_refused_on_arrival(models, params, mes
 
 @pytest.mark.parametrize("spec,message", [
     ({"method": "ddtree"}, "needs \"num_speculative_tokens\""),
+    ({"method": "ddtree", "num_speculative_tokens": 8, "ddtree_budget": "greedy"}, "ddtree_budget"),
+    ({"method": "ddtree", "num_speculative_tokens": 8, "ddtree_step_costs": {"step": {"1": 1.0}}},
+     "must be a JSON file or a dict"),
+    ({"method": "ddtree", "num_speculative_tokens": 8, "ddtree_budget": "fixed", "ddtree_step_costs": FREE_ROWS},
+     "drop it, or drop \"ddtree_budget\": \"fixed\""),
+    ({"method": "dflash", "num_speculative_tokens": 8, "ddtree_budget": "fixed"},
+     "keys \\['ddtree_budget'\\] belong to method \"ddtree\""),
     ({"method": "ddtree", "num_speculative_tokens": 5000}, r"must be an integer in 1..1024, got 5000"),
     ({"method": "ddtree", "num_speculative_tokens": 8, "tree_width": 3}, "Unexpected keyword argument"),
 ])
@@ -366,6 +434,7 @@ def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
 
     tree = config({"method": "ddtree", "num_speculative_tokens": 8})
     assert tree.use_v2_model_runner is False
+    assert tree.speculative_config.ddtree_policy == "cost-aware"  # the default budget policy
     # On GPUs vLLM may pick full CUDA graphs; a ddtree engine keeps attention outside them.
     for cfg, want in [(tree, CUDAGraphMode.PIECEWISE), (config(None), CUDAGraphMode.FULL_AND_PIECEWISE)]:
         cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE

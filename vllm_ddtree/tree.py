@@ -82,6 +82,14 @@ class DraftTree:
         return DraftTree(self.token_ids[index], self.parents[index], self.depths[index], self.scores[index],
                          self.num_nodes[index], self.ancestor_bits[index], self.max_depth)
 
+    def cut(self, kept: torch.Tensor) -> "DraftTree":
+        """Each request's first ``kept [R]`` nodes in pop order (a prefix is a tree: parents come first)."""
+        kept = torch.minimum(kept.to(self.num_nodes.dtype), self.num_nodes)
+        used = torch.arange(self.max_nodes, device=kept.device).unsqueeze(0) < kept.unsqueeze(1)
+        return DraftTree(torch.where(used, self.token_ids, -1), torch.where(used, self.parents, 0),
+                         torch.where(used, self.depths, 1), torch.where(used, self.scores, float("-inf")), kept,
+                         self.ancestor_bits, self.max_depth)
+
     def ancestor_mask(self) -> torch.Tensor:
         """The ancestor bitmask unpacked to ``bool [R, B+1, B+1]`` (tests, CPU attention path)."""
         return unpack_bits(self.ancestor_bits, self.max_nodes + 1)

@@ -39,6 +39,14 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
         "num_scheduled_tokens", "slot_mappings"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache": (
         "self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_draft_token_ids_cpu": ("self",),
+    # timed for the cost-aware budget's step costs (step_costs.py)
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run": (
+        "self", "num_tokens", "cudagraph_runtime_mode", "force_attention", "uniform_decode", "allow_microbatching",
+        "skip_eplb", "is_profile", "create_mixed_batch", "remove_lora", "is_graph_capturing", "num_active_loras",
+        "profile_seq_lens", "randomize_inputs"),
+    "vllm.v1.spec_decode.dflash.DFlashProposer.dummy_run": (
+        "self", "num_tokens", "use_cudagraphs", "is_graph_capturing", "slot_mappings"),
     "vllm.v1.sample.rejection_sampler.RejectionSampler.forward": (
         "self", "metadata", "draft_probs", "logits", "sampling_metadata"),
     "vllm.v1.sample.sampler.Sampler.compute_logprobs": ("logits",),

@@ -2,10 +2,13 @@
 
 vLLM's method field is a closed ``Literal`` and every DFlash code path keys on ``method == "dflash"``.
 A ddtree config is therefore built as a dflash config (same drafter loading, aux hidden states, draft
-KV cache) and marked with plain instance attributes: ``ddtree`` (True), ``ddtree_budget`` (B, the
-``num_speculative_tokens`` the user gave) and ``ddtree_depth`` (D = drafter block size - 1). Plain
-attributes survive the pickling that ships configs to the engine and worker processes, and no class of
-ours has to be importable there before the plugin loads.
+KV cache) and marked with plain instance attributes: ``ddtree`` (True), ``ddtree_max_budget`` (B, the
+``num_speculative_tokens`` the user gave), ``ddtree_depth`` (D = drafter block size - 1) and
+``ddtree_policy`` ("cost-aware", the default, or "fixed"). Plain attributes survive the pickling that
+ships configs to the engine and worker processes, and no class of ours has to be importable there
+before the plugin loads. ddtree's two keys of its own, ``ddtree_budget`` (the policy) and
+``ddtree_step_costs`` (a user's cost table), are added to vLLM's config class, which forbids unknown
+keys; other methods refuse them.
 
 A ddtree engine also gets, in ``VllmConfig``, each logged when it applies: the V1 model runner (our
 runner hooks are written for it; V2 comes later); on GPUs piecewise CUDA graphs instead of full ones
@@ -32,9 +35,17 @@ def is_ddtree(speculative_config) -> bool:
     return bool(speculative_config is not None and speculative_config.__dict__.get("ddtree", False))
 
 
+# ddtree's own keys in the speculative config (vLLM's config forbids unknown keys, so they are added
+# to its class): the budget policy, and a user's step-cost table for the cost-aware policy.
+OPTIONS = {
+    "ddtree_budget": (typing.Optional[typing.Literal["cost-aware", "fixed"]], None),
+    "ddtree_step_costs": (typing.Optional[typing.Union[str, dict]], None),
+}
+
+
 def apply() -> None:
-    """Makes ``"ddtree"`` a working method (idempotent)."""
-    _accept_method(_build_ddtree)
+    """Makes ``"ddtree"`` a working method, with its options (idempotent)."""
+    _accept_method(_build_ddtree, OPTIONS)
     _apply_engine_defaults()
 
 
@@ -46,7 +57,9 @@ def refuse(message: str) -> None:
     _accept_method(refused)
 
 
-def _accept_method(build) -> None:
+def _accept_method(build, options=None) -> None:
+    import dataclasses
+
     from pydantic.dataclasses import rebuild_dataclass
     from vllm.config import speculative
 
@@ -56,11 +69,21 @@ def _accept_method(build) -> None:
     widened = typing.Optional[typing.Literal[tuple(_literal_values(speculative.SpeculativeMethod)) + (METHOD,)]]
     cls.__annotations__["method"] = widened
     cls.__dataclass_fields__["method"].type = widened
+    for name, (kind, default) in (options or {}).items():
+        field = dataclasses.field(default=default)
+        field.name, field.type, field._field_type = name, kind, dataclasses._FIELD
+        cls.__annotations__[name] = kind
+        cls.__dataclass_fields__[name] = field
+        setattr(cls, name, default)
     original = cls.__post_init__
 
     @functools.wraps(original)
     def __post_init__(self, *args, **kwargs):
         if self.method != METHOD:
+            given = [name for name in options or {} if getattr(self, name, None) is not None]
+            if given:
+                raise ValueError(f"speculative_config keys {given} belong to method \"ddtree\"; method "
+                                 f"{self.method!r} does not take them")
             return original(self, *args, **kwargs)
         build(self, original, *args, **kwargs)
 
@@ -82,7 +105,15 @@ def _build_ddtree(config, original, *args, **kwargs) -> None:
     depth = drafter_depth(config.draft_model_config.hf_config, target.get_total_num_hidden_layers(),
                           target.get_hidden_size(), target.get_vocab_size(), depth_hint)
     check_target(target)
-    config.__dict__.update(ddtree=True, ddtree_budget=budget, ddtree_depth=depth)
+    policy = config.ddtree_budget or "cost-aware"
+    if config.ddtree_step_costs is not None:
+        if policy != "cost-aware":
+            raise ValueError('speculative_config "ddtree_step_costs" is the cost table of the cost-aware budget; '
+                             'drop it, or drop "ddtree_budget": "fixed"')
+        from vllm_ddtree.adapter.step_costs import read_table
+
+        read_table(config.ddtree_step_costs)  # a bad table fails here, before the engine starts
+    config.__dict__.update(ddtree=True, ddtree_max_budget=budget, ddtree_depth=depth, ddtree_policy=policy)
 
 
 def _apply_engine_defaults() -> None:

@@ -24,6 +24,7 @@ import torch
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from vllm_ddtree.adapter.runner import write_tree_positions
+from vllm_ddtree.budget import kept_nodes
 from vllm_ddtree.kv_commit import commit_accepted_rows
 from vllm_ddtree.tree import build_tree
 
@@ -42,7 +43,7 @@ class DDTreeProposer(DFlashProposer):
             super().__init__(vllm_config, device, runner, *args, **kwargs)
         finally:
             spec.__dict__["num_speculative_tokens"] = budget
-        self.budget = spec.ddtree_budget
+        self.budget = spec.ddtree_max_budget
         self.depth = spec.ddtree_depth
         self.ddtree_runner = runner
         self.ddtree_state = runner._ddtree
@@ -56,15 +57,26 @@ class DDTreeProposer(DFlashProposer):
             commit_accepted_rows(inputs["target_hidden_states"], step.root_rows, step.accepted_nodes)
             chain = torch.arange(1, step.tree.max_nodes + 1, device=step.num_draft.device).expand_as(step.tree.depths)
             write_tree_positions(inputs["target_positions"], step, chain)
+        state = self.ddtree_state
+        num_reqs = inputs["next_token_ids"].shape[0]
+        state.full_draft_last_step = state.skip_drafting == 0
+        if not state.full_draft_last_step:
+            # Trees do not pay at this batch: keep the drafter's context (its K/V of this step's
+            # tokens, which later drafts attend to) and draft nothing, as vLLM's K = 0 does.
+            state.skip_drafting -= 1
+            inputs["num_speculative_tokens"] = 0
+            super().propose(*call.args[1:], **call.kwargs)
+            return torch.empty(num_reqs, 0, dtype=torch.int64, device=inputs["next_token_ids"].device)
         inputs["num_speculative_tokens"] = self.depth
         super().propose(*call.args[1:], **call.kwargs)
         logits, self._draft_logits = self._draft_logits, None
-        num_reqs = inputs["next_token_ids"].shape[0]
         tree = build_tree(logits.view(num_reqs, self.depth, -1), self.budget)
-        self.ddtree_state.remember_trees(tree, self.ddtree_runner.input_batch.req_ids[:num_reqs])
-        # Unused slots (fewer possible nodes than B) still need a valid token id for the target's
-        # embedding; the verifier never accepts them (num_nodes bounds the tree).
-        return tree.token_ids.clamp(min=0)
+        if state.costs is not None:
+            tree = tree.cut(kept_nodes(tree.scores, state.costs))
+        state.remember_trees(tree, self.ddtree_runner.input_batch.req_ids[:num_reqs])
+        # -1 marks the slots a request does not verify (unused, or not worth their rows): the runner
+        # hands the scheduler each row up to its first -1.
+        return tree.token_ids
 
     def _sample_draft_tokens(self, hidden_states: torch.Tensor, sampling_metadata, *args, **kwargs):
         # DDTree needs the whole per-depth distribution, not a sample of it.

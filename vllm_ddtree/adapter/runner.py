@@ -32,6 +32,7 @@ import torch
 from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.budget import StepCosts
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
 from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
@@ -49,11 +50,20 @@ class StepTrees:
     accepted_nodes: torch.Tensor | None = None
 
 
+# A cost-aware engine whose last full drafter pass kept no node for the whole batch runs the drafter
+# without drafting (its context K/V only) for this many steps minus one, then drafts again to see
+# whether trees pay now (the batch and its contexts change).
+PROBE_INTERVAL = 8
+
+
 class DDTreeState:
     """One runner's ddtree state (see the module docstring)."""
 
-    def __init__(self, budget: int, depth: int):
-        self.budget, self.depth = budget, depth
+    def __init__(self, budget: int, depth: int, policy: str = "fixed"):
+        self.budget, self.depth, self.policy = budget, depth, policy
+        self.costs: StepCosts | None = None  # the cost-aware policy's tables (engine start)
+        self.full_draft_last_step = False
+        self.skip_drafting = 0  # steps left that keep the drafter's context without drafting
         self.drafted: tuple[DraftTree, list[str]] | None = None
         self.step: StepTrees | None = None
         self.pending_attention: TreeAttentionMetadata | None = None
@@ -81,7 +91,7 @@ def install(runner_cls) -> None:
         spec = vllm_config.speculative_config
         if not is_ddtree(spec):
             return original_init(self, *args, **kwargs)
-        self._ddtree = DDTreeState(spec.ddtree_budget, spec.ddtree_depth)
+        self._ddtree = DDTreeState(spec.ddtree_max_budget, spec.ddtree_depth, spec.ddtree_policy)
         with _ddtree_proposer():
             original_init(self, *args, **kwargs)
         _hook_instance(self, self._ddtree)
@@ -114,6 +124,7 @@ def _hook_instance(runner, state: DDTreeState) -> None:
         torch.cpu._init_amx()
     runner.rejection_sampler = TreeVerifier(runner, state, runner.rejection_sampler)
     prepare, build, init_kv = runner._prepare_inputs, runner._build_attention_metadata, runner.initialize_kv_cache
+    draft_lists = runner._get_draft_token_ids_cpu
 
     def _prepare_inputs(*args, **kwargs):
         out = prepare(*args, **kwargs)
@@ -131,10 +142,23 @@ def _hook_instance(runner, state: DDTreeState) -> None:
     def initialize_kv_cache(*args, **kwargs):
         init_kv(*args, **kwargs)
         attach_target_layers(runner, state)
+        if state.policy == "cost-aware":
+            from vllm.logger import init_logger
+
+            from vllm_ddtree.adapter.step_costs import step_costs
+
+            state.costs = step_costs(runner, state, init_logger("vllm.ddtree"))
+
+    def _get_draft_token_ids_cpu(*args, **kwargs):
+        # Nodes a request does not verify are -1 at the end of its row; the scheduler gets the rest.
+        # This is vLLM's own per-request host conversion of the drafts (after its one sync).
+        lists, req_ids = draft_lists(*args, **kwargs)
+        return [ids[: ids.index(-1)] if -1 in ids else ids for ids in lists], req_ids
 
     runner._prepare_inputs = _prepare_inputs
     runner._build_attention_metadata = _build_attention_metadata
     runner.initialize_kv_cache = initialize_kv_cache
+    runner._get_draft_token_ids_cpu = _get_draft_token_ids_cpu
 
 
 def attach_target_layers(runner, state: DDTreeState) -> None:
@@ -178,6 +202,11 @@ def prepare_tree_step(runner, state: DDTreeState, spec_decode_metadata) -> None:
     """After vLLM's ``_prepare_inputs``: RoPE positions of tree rows, and the step's tree metadata."""
     drafted = state.take_trees()
     state.step = state.pending_attention = None
+    nothing_drafted = spec_decode_metadata is None or not any(spec_decode_metadata.num_draft_tokens)
+    if state.full_draft_last_step and nothing_drafted and state.policy == "cost-aware":
+        # The last full drafter pass kept no node for any request (the schedule, a host list every
+        # rank gets alike, says so: no device value is read).
+        state.skip_drafting = PROBE_INTERVAL - 1
     if spec_decode_metadata is None:
         return
     num_reqs = runner.input_batch.num_reqs
@@ -212,17 +241,7 @@ def _batch_trees(drafted, req_ids, num_draft: torch.Tensor, budget: int, depth: 
     index = {rid: i for i, rid in enumerate(tree_req_ids)}
     rows = async_tensor_h2d([index.get(rid, -1) for rid in req_ids], dev, torch.int64)
     mine = trees.take(rows.clamp(min=0))
-    num_nodes = torch.where(rows >= 0, torch.minimum(mine.num_nodes, num_draft), 0)
-    used = torch.arange(budget, device=dev).unsqueeze(0) < num_nodes.unsqueeze(1)
-    return DraftTree(
-        token_ids=torch.where(used, mine.token_ids, -1),
-        parents=torch.where(used, mine.parents, 0),
-        depths=torch.where(used, mine.depths, 1),
-        scores=mine.scores,
-        num_nodes=num_nodes,
-        ancestor_bits=mine.ancestor_bits,
-        max_depth=mine.max_depth,
-    )
+    return mine.cut(torch.where(rows >= 0, torch.minimum(mine.num_nodes, num_draft), 0))
 
 
 class TreeVerifier(torch.nn.Module):

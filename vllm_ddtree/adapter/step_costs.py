@@ -1,0 +1,158 @@
+"""The cost model of the cost-aware budget (:mod:`vllm_ddtree.budget`), for one engine.
+
+C_step(rows): a target step over that many query rows (vLLM's dummy forward, with attention metadata
+on GPUs, plus the LM head over every row: a verify step needs logits for all of them; on CPU vLLM's
+dummy attention crashes its kernel, so there the attention is left out).
+C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
+each, its LM head over D rows each, and the tree build). Both are timed at engine start on the
+engine's own device (median of 3 after a warm-up, at powers of two up to what one step can hold),
+fitted monotone convex, logged in one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``)
+under a key of everything they depend on (models, dtype, device, parallel sizes, budget, scheduler
+limits, vLLM version) so that a restart does not pay them again. A user's table
+(``"ddtree_step_costs"``: a JSON file or a dict ``{"step": {rows: seconds}, "draft": {requests:
+seconds}}``) replaces the measurement. With tensor parallelism every rank uses rank 0's tables, so
+that every rank keeps the same nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from vllm_ddtree.budget import StepCosts
+from vllm_ddtree.tree import build_tree
+
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step-costs")
+
+
+def step_costs(runner, state, log) -> StepCosts:
+    """The engine's :class:`StepCosts` on its device: the user's table, the disk cache, or measured."""
+    spec = runner.speculative_config
+    scheduler = runner.scheduler_config
+    max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.budget + 1))
+    max_requests = scheduler.max_num_seqs
+    user = spec.__dict__.get("ddtree_step_costs")
+    if user is not None:
+        samples, source = read_table(user), "from ddtree_step_costs"
+    else:
+        key = _cache_key(runner, state, max_rows)
+        path = os.path.join(CACHE_DIR, key + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                samples, source = read_table(json.load(f)), f"cached in {path}"
+        else:
+            start = time.perf_counter()
+            samples = measure(runner, state, max_rows, max_requests)
+            source = f"measured in {time.perf_counter() - start:.1f} s"
+            os.makedirs(CACHE_DIR, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({"step": samples[0], "draft": samples[1], "key": _key_fields(runner, state, max_rows)}, f)
+    costs = _same_on_every_rank(StepCosts.from_samples(*samples, max_rows, max_requests, runner.device))
+    s, d = costs.step, costs.draft
+    log.info("ddtree: cost-aware budget, step costs %s: target step %.2f ms at 1 row, %.2f ms at %d rows; "
+             "drafter %.2f ms at 1 request, %.2f ms at %d", source, 1e3 * s[1], 1e3 * s[-1], max_rows,
+             1e3 * d[1], 1e3 * d[-1], max_requests)
+    return costs
+
+
+def read_table(table) -> tuple[dict[int, float], dict[int, float]]:
+    """A user's (or the cache's) table: a path to JSON, or ``{"step": {...}, "draft": {...}}``."""
+    if isinstance(table, str):
+        with open(table) as f:
+            table = json.load(f)
+    try:
+        step = {int(k): float(v) for k, v in table["step"].items()}
+        draft = {int(k): float(v) for k, v in table["draft"].items()}
+        if min(len(step), len(draft)) < 2 or min(*step, *draft) < 0 or min(*step.values(), *draft.values()) < 0:
+            raise ValueError("too few or negative entries")
+        return step, draft
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError('"ddtree_step_costs" must be a JSON file or a dict {"step": {rows: seconds, ...}, '
+                         f'"draft": {{requests: seconds, ...}}}} with at least two entries each; got {table!r}') \
+            from error
+
+
+def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, float], dict[int, float]]:
+    """Timed dummy passes: ``({rows: seconds}, {requests: seconds})``."""
+    drafter = runner.drafter
+    vocab = runner.model_config.get_vocab_size()
+
+    # vLLM's dummy attention metadata is safe on GPUs (its warm-up and capture use it) but crashes
+    # vLLM 0.32's CPU attention kernel: on CPU the target's attention is left out of C_step.
+    with_attention = runner.device.type == "cuda"
+
+    def target_step(rows):
+        hidden, _ = runner._dummy_run(rows, force_attention=with_attention)
+        runner.model.compute_logits(hidden[:rows])
+
+    def drafter_pass(requests):
+        drafter.dummy_run(requests * (state.depth + 1))
+        logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.depth])
+        build_tree(logits.view(requests, state.depth, -1)[..., :vocab], state.budget)
+
+    step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
+    draft = {r: _median_seconds(drafter_pass, r, runner.device) for r in _grid(max_requests)}
+    return step, draft
+
+
+def _grid(limit: int) -> list[int]:
+    """1, 2, 4, ... up to ``limit``, and ``limit`` itself (at least two points)."""
+    points = {1, max(2, limit)}
+    p = 2
+    while p < limit:
+        points.add(p)
+        p *= 2
+    return sorted(points)
+
+
+@torch.inference_mode()
+def _median_seconds(fn, size: int, device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn(size)  # warm-up (compilation, allocator)
+    samples = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        fn(size)
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _same_on_every_rank(costs: StepCosts) -> StepCosts:
+    """Rank 0's tables on every tensor-parallel rank (each measured its own: close, not equal)."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size > 1:
+        table = torch.cat([costs.step, costs.draft]).to(group.device)
+        group.broadcast(table, src=0)
+        table = table.to(costs.step.device)
+        costs = StepCosts(table[: costs.step.shape[0]], table[costs.step.shape[0]:])
+    return costs
+
+
+def _key_fields(runner, state, max_rows: int) -> dict:
+    import vllm
+
+    device = runner.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    parallel = runner.parallel_config
+    return {"target": runner.model_config.model, "drafter": runner.speculative_config.draft_model_config.model,
+            "dtype": str(runner.model_config.dtype), "device": name, "tp": parallel.tensor_parallel_size,
+            "pp": parallel.pipeline_parallel_size, "budget": state.budget, "depth": state.depth,
+            "max_rows": max_rows, "max_num_seqs": runner.scheduler_config.max_num_seqs,
+            "vllm": vllm.__version__, "preload": os.environ.get("LD_PRELOAD", "")}
+
+
+def _cache_key(runner, state, max_rows: int) -> str:
+    fields = json.dumps(_key_fields(runner, state, max_rows), sort_keys=True)
+    return hashlib.sha256(fields.encode()).hexdigest()[:24]
