@@ -149,11 +149,13 @@ def main():
             # log-probabilities, like every other row.
             plain = contextlib.nullcontext
             chain = {"dflash": [("dflash", {"method": "dflash", "num_speculative_tokens": depth}, plain)],
-                     "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth},
+                     "top1": [("top-1 chain", {"method": "ddtree", "num_speculative_tokens": depth,
+                                               "ddtree_budget": "fixed"},
                                top1_chain_trees)],
                      "none": []}[args.chain]
             rows = [("AR", None, plain)] + chain + [
-                (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b}, plain) for b in args.budgets]
+                (f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b, "ddtree_budget": "fixed"}, plain)
+                for b in args.budgets]
             chain_tau = ar_speed = None
             for row in rows:
                 label, spec, drafting = row

@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 
 def test_serve_answers_and_reports_tree_metrics(models):
     target, drafter = models
-    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}
+    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16, "ddtree_budget": "fixed"}
     with openai_server(target, spec, SERVER_ARGS, ENV) as server:
         completion = json.loads(_request(server.url + "/v1/completions", {
             "model": target, "prompt": "alpha beta", "max_tokens": 24, "temperature": 0}))
@@ -69,7 +69,8 @@ def test_serve_refuses_a_bad_speculative_config(models):
 
 def test_server_under_a_bounded_concurrent_load(models):
     # The load test of benchmarks/load_serve.py, smaller: 16 clients, 48 requests of every kind in the
-    # mix (greedy/sampled, chat/completions, streamed, stop strings, refused, disconnecting, aborting).
+    # mix (greedy/sampled, chat/completions, streamed, stop strings, refused, disconnecting, aborting),
+    # with the default (cost-aware) budget.
     target, drafter = models
     words = ["alpha beta gamma", "the tree of draft", "verify the token", "commit a draft of the tree", "delta"]
     report = load_test(target, drafter, words, requests=48, clients=16, budget=16, depth=BLOCK_SIZE - 1,

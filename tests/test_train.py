@@ -118,7 +118,8 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
         return [t[0] for t in result.tokens], result.metrics
 
     reference, _ = run(None)
-    tokens, metrics = run({"method": "ddtree", "model": drafter_dir, "num_speculative_tokens": 16})
+    tokens, metrics = run({"method": "ddtree", "model": drafter_dir, "num_speculative_tokens": 16,
+                           "ddtree_budget": "fixed"})
     assert tokens == reference
     tau = 1 + metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_drafts"]
     assert tau >= 4.0, tau  # D = 7: a drafter that learned nothing gets ~1
@@ -131,7 +132,7 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
     chain_spec = {"model": drafter_dir, "num_speculative_tokens": BLOCK_SIZE - 1}
     chain, chain_metrics = run({"method": "dflash", **chain_spec})
     with top1_chain_trees():
-        top1, top1_metrics = run({"method": "ddtree", **chain_spec})
+        top1, top1_metrics = run({"method": "ddtree", "ddtree_budget": "fixed", **chain_spec})
     assert top1 == chain == reference
     for name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens"):
         assert top1_metrics[name] == chain_metrics[name] > 0, name

@@ -1,6 +1,7 @@
 """The main job's demo: SmolLM2-135M-Instruct with the project's DFlash drafter, in vLLM, without
-speculation, as a chain (vLLM's "dflash") and as trees ("ddtree"), on a handful of prompts; prints the
-answers, tau (tokens per target step) and tokens per second with the speedup over no speculation.
+speculation, as a chain (vLLM's "dflash") and as trees ("ddtree": a fixed budget of B nodes, and the
+default cost-aware budget of at most B), on a handful of prompts; prints the answers, tau (tokens per
+target step) and tokens per second with the speedup over no speculation.
 
 Runs on the machine at hand (vLLM's CPU backend here). ``python -m vllm_ddtree.demo [--budget B]``.
 Tokens per second are generation time only (engine start excluded), after a warm-up prompt; on a CPU
@@ -47,25 +48,27 @@ def main(argv=None) -> int:
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     warmup = [[{"role": "user", "content": "Say hello."}]]
     runs = {}
+    tree = {"method": "ddtree", "num_speculative_tokens": args.budget}
     for name, spec in [("no speculation", None),
                        ("dflash chain", {"method": "dflash", "num_speculative_tokens": depth}),
-                       (f"ddtree B={args.budget}", {"method": "ddtree", "num_speculative_tokens": args.budget})]:
+                       (f"ddtree B={args.budget}", {**tree, "ddtree_budget": "fixed"}),
+                       (f"ddtree cost-aware B<={args.budget}", tree)]:
         runs[name] = run_engine(target, chats, params, spec and {"model": args.drafter, **spec}, chat=True,
                                 warmup=warmup, dtype="float32", max_model_len=2048, enforce_eager=True,
                                 gpu_memory_utilization=0.5, disable_log_stats=False)
 
-    plain, chain, tree = runs.values()
+    plain, chain, tree, costed = runs.values()
     for prompt, output in zip(PROMPTS, tree.outputs):
         print(f"\n> {prompt}\n{output.outputs[0].text.strip()}")
     print(f"\ntarget SmolLM2-135M-Instruct, drafter {os.path.basename(args.drafter)} (D = {depth}), greedy, "
           f"{args.max_tokens} new tokens, {len(PROMPTS)} prompts at once")
     print(f"tau (tokens per target step): dflash chain {chain.tau:.2f}, ddtree B={args.budget} {tree.tau:.2f} "
-          f"({tree.tau / chain.tau:.2f}x the chain)")
+          f"({tree.tau / chain.tau:.2f}x the chain), ddtree cost-aware {costed.tau:.2f}")
     print("tokens per second (generation only): " + ", ".join(
         f"{name} {run.tokens_per_second:.1f} ({run.tokens_per_second / plain.tokens_per_second:.2f}x)"
         for name, run in runs.items()))
-    same = plain.tokens == chain.tokens == tree.tokens
-    print(f"answers identical without speculation, as chain and as tree: {'yes' if same else 'NO'}")
+    same = plain.tokens == chain.tokens == tree.tokens == costed.tokens
+    print(f"answers identical without speculation, as chain and as trees: {'yes' if same else 'NO'}")
     return 0
 
 

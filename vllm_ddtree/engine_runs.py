@@ -50,33 +50,53 @@ class EngineRun:
         return self.num_output_tokens / self.seconds
 
 
-def run_engine(model: str, prompts, params, speculative_config: dict | None = None, chat: bool = False,
-               warmup=None, before: Callable | None = None, after: Callable | None = None, **engine) -> EngineRun:
-    """Builds ``LLM(model, speculative_config=..., **engine)``, optionally generates ``warmup`` prompts
-    first (untimed), generates ``prompts`` with ``params`` (``llm.chat`` for message lists if ``chat``),
-    and frees the engine before returning."""
+class Engine:
+    """A built vLLM engine (``llm``, vLLM's ``LLM``) inside :func:`open_engine`'s block."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, prompts, params, chat: bool = False) -> EngineRun:
+        """Generates ``prompts`` (message lists through ``llm.chat`` if ``chat``) and times it; the
+        counters in the result count this generation only."""
+        llm = self.llm
+        counted_before = _counters(llm)
+        start = time.perf_counter()
+        outputs = (llm.chat if chat else llm.generate)(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        metrics.update({name: value - counted_before.get(name, 0) for name, value in _counters(llm).items()})
+        return EngineRun(outputs, metrics, seconds)
+
+
+@contextlib.contextmanager
+def open_engine(model: str, speculative_config: dict | None = None, **engine):
+    """``LLM(model, speculative_config=..., **engine)`` for the block, as an :class:`Engine`; freed after
+    it (the handle lets go of the engine, so a caller's name for it keeps nothing alive)."""
     from vllm import LLM
 
     engine.setdefault("disable_log_stats", False)  # the metrics (spec-decode counters) need vLLM's stats
-    llm = LLM(model=model, speculative_config=speculative_config, **engine)
+    handle = Engine(LLM(model=model, speculative_config=speculative_config, **engine))
     try:
-        generate = llm.chat if chat else llm.generate
-        if warmup:
-            generate(warmup, params if not isinstance(params, list) else params[: len(warmup)], use_tqdm=False)
-        if before is not None:
-            before(llm)
-        counted_before = _counters(llm)
-        start = time.perf_counter()
-        outputs = generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        # Counters count the timed generation only (not the warm-up); other metrics as read now.
-        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        metrics.update({name: value - counted_before.get(name, 0) for name, value in _counters(llm).items()})
-        inspected = after(llm) if after is not None else None
-        return EngineRun(outputs, metrics, seconds, inspected)
+        yield handle
     finally:
-        del llm
+        handle.llm = None
         gc.collect()
+
+
+def run_engine(model: str, prompts, params, speculative_config: dict | None = None, chat: bool = False,
+               warmup=None, before: Callable | None = None, after: Callable | None = None, **engine) -> EngineRun:
+    """One engine, one timed generation: optionally ``warmup`` prompts first (untimed), then ``before``
+    (gets the LLM), the generation, and ``after`` (its value is the result's ``inspected``)."""
+    with open_engine(model, speculative_config, **engine) as built:
+        if warmup:
+            built.generate(warmup, params if not isinstance(params, list) else params[: len(warmup)], chat)
+        if before is not None:
+            before(built.llm)
+        result = built.generate(prompts, params, chat)
+        if after is not None:
+            result.inspected = after(built.llm)
+        return result
 
 
 def model_runner(llm):

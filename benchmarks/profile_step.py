@@ -1,0 +1,148 @@
+"""Where a speculative step's time goes: vLLM's "dflash" chain against "ddtree" at the same rows (B = D).
+
+Both engines run the real pair (SmolLM2-135M-Instruct + the project's drafter, bf16, vLLM's CPU
+build, in-process) over the same prompts one at a time (concurrency 1) or all at once; timing
+wrappers on the runner's stages and on ddtree's own functions add up wall time per stage, divided by
+the engine steps. The chain drafts D = 15 tokens (16 rows a step); ddtree verifies B = 15 nodes (16
+rows), so any difference in a stage is ddtree's own overhead, not more work for the target.
+
+Stages: ``execute_model`` (the target's forward, with ``_prepare_inputs``, its attention and, for
+ddtree, the tree positions and tree attention inside) and ``sample_tokens`` (verification, the KV
+commit, the drafter's pass and, for ddtree, the tree build, then vLLM's bookkeeping).
+
+Usage: ``LD_PRELOAD="$(bash scripts/cpu_preload.sh)" python benchmarks/profile_step.py [--prompts 4]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+class Stopwatch:
+    """Wall seconds and calls per stage; wraps callables in place."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+        self.calls = collections.Counter()
+
+    def wrap(self, owner, name: str, label: str | None = None) -> None:
+        original = getattr(owner, name)
+        label = label or name
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+
+        setattr(owner, name, timed)
+
+
+def instrument(watch: Stopwatch):
+    """Wraps the runner's stages (per instance) and ddtree's functions (in their modules)."""
+    from vllm_ddtree.adapter import cpu_attention, proposer, runner as runner_module
+
+    from vllm_ddtree.engine_runs import model_runner
+
+    for module, name, label in [(proposer, "build_tree", "  build_tree"),
+                                (runner_module, "verify_tree", "  verify_tree"),
+                                (runner_module, "commit_accepted_kv", "  commit_accepted_kv"),
+                                (runner_module, "prepare_tree_step", "  prepare_tree_step"),
+                                (cpu_attention, "tree_attention_dense", "  tree attention (all layers)"),
+                                (cpu_attention, "plan_dense", "  tree attention plan")]:
+        watch.wrap(module, name, label)
+
+    def before(llm):
+        runner = model_runner(llm)
+        watch.wrap(runner, "execute_model")
+        watch.wrap(runner, "sample_tokens")
+        watch.wrap(runner.rejection_sampler, "forward", "  verify (sampler)")
+        watch.wrap(runner.drafter, "propose", "  drafter propose")
+        watch.wrap(runner, "_bookkeeping_sync", "  bookkeeping")
+
+    return before
+
+
+def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency):
+    from vllm import SamplingParams
+
+    from vllm_ddtree.engine_runs import open_engine
+
+    watch = Stopwatch()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    with open_engine(target, {"model": drafter, **spec}, dtype=dtype, max_model_len=2048, enforce_eager=True,
+                     gpu_memory_utilization=0.5, seed=0) as engine:
+        engine.generate(chats[:1], SamplingParams(temperature=0, max_tokens=16), chat=True)  # warm-up
+        instrument(watch)(engine.llm)
+        tokens = seconds = steps = 0
+        for start in range(0, len(chats), concurrency):
+            result = engine.generate(chats[start:start + concurrency], params, chat=True)
+            tokens, seconds, steps = tokens + result.num_output_tokens, seconds + result.seconds, \
+                steps + result.target_steps
+    per_step = {label: 1e3 * s / watch.calls["execute_model"] for label, s in watch.seconds.items()}
+    return per_step, {"tokens": tokens, "seconds": seconds, "verify steps": steps,
+                      "engine steps": watch.calls["execute_model"]}
+
+
+def main():
+    from bench_acceptance import humaneval_prompts
+    from harness import print_header
+
+    from vllm_ddtree.demo import DEFAULT_DRAFTER
+    from vllm_ddtree.targets import smollm2_folder
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=4, help="HumanEval prompts, from the end of the set")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    with open(os.path.join(args.drafter, "config.json")) as f:
+        depth = json.load(f)["block_size"] - 1
+    print_header()
+    prompts = humaneval_prompts()[-args.prompts:]
+    rows = {}
+    for label, spec in [(f"dflash D={depth}", {"method": "dflash", "num_speculative_tokens": depth}),
+                        (f"ddtree B={depth}", {"method": "ddtree", "num_speculative_tokens": depth,
+                                               "ddtree_budget": "fixed"})]:
+        rows[label] = profile(smollm2_folder(), args.drafter, spec, prompts, args.max_tokens, args.dtype,
+                              args.concurrency)
+    (chain, chain_info), (tree, tree_info) = rows.values()
+    print(f"\nms per engine step, {args.prompts} HumanEval prompts at concurrency {args.concurrency}, "
+          f"{args.max_tokens} tokens, {args.dtype}; the same {depth + 1} rows a step")
+    print(f"{'stage':<32} {'chain':>8} {'ddtree':>8} {'diff':>8}")
+    for label in ["execute_model"] + sorted(k for k in tree if k.startswith("  ") and k not in
+                                            ("  verify (sampler)", "  drafter propose", "  bookkeeping")) + \
+            ["sample_tokens", "  verify (sampler)", "  drafter propose", "  bookkeeping"]:
+        a, b = chain.get(label, 0.0), tree.get(label, 0.0)
+        print(f"{label:<32} {a:>8.2f} {b:>8.2f} {b - a:>+8.2f}")
+    total_a = chain["execute_model"] + chain["sample_tokens"]
+    total_b = tree["execute_model"] + tree["sample_tokens"]
+    print(f"{'step (execute + sample)':<32} {total_a:>8.2f} {total_b:>8.2f} {total_b - total_a:>+8.2f} "
+          f"({total_b / total_a:.3f}x)")
+    for label, info in rows.items():
+        print(f"{label}: {info[1]}, {info[1]['tokens'] / info[1]['seconds']:.1f} tok/s")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": vars(args), "rows": {k: v[0] for k, v in rows.items()}}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
