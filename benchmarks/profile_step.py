@@ -60,7 +60,7 @@ def instrument(watch: Stopwatch):
 
     for module, name, label in [(proposer, "build_tree", "  build_tree"),
                                 (runner_module, "verify_tree", "  verify_tree"),
-                                (runner_module, "commit_accepted_kv", "  commit_accepted_kv"),
+                                (runner_module, "commit_accepted_tokens", "  KV commit (all layers)"),
                                 (runner_module, "prepare_tree_step", "  prepare_tree_step"),
                                 (cpu_attention, "tree_attention_dense", "  tree attention (all layers)"),
                                 (cpu_attention, "plan_dense", "  tree attention plan")]:

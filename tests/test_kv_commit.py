@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vllm_ddtree.kv_commit import (commit_accepted_kv, commit_accepted_kv_reference, commit_accepted_rows,
-                                   paged_kv_views, plan_commit)
+                                   commit_accepted_tokens, paged_kv_views, plan_commit)
 from vllm_ddtree.tree import build_tree
 
 
@@ -14,6 +14,27 @@ def _cache(layout, blocks, block_size, heads, head_dim, dtype, gen):
     if layout == "vllm":  # vLLM's GPU backends get a strided per-layer view: physically [B, N, H, C]
         return torch.randn(blocks, block_size, heads, 2 * head_dim, generator=gen).to(dtype).transpose(1, 2)
     return torch.randn(blocks, heads, block_size, 2 * head_dim, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("layout,dtype", [("flash_attn", torch.float32), ("vllm", torch.float16), ("cpu", torch.float32),
+                                          ("cpu_amx", torch.bfloat16)])
+def test_commit_by_flat_indices_equals_the_view_reference(layout, dtype):
+    # The CPU path moves every layer's tokens by flat indices computed once for the geometry; it
+    # must move exactly what the per-view reference moves, in every layout.
+    gen = torch.Generator().manual_seed(8)
+    R, depth, budget, block_size = 5, 5, 24, 32
+    block_table = torch.randperm(R * 4, generator=gen).view(R, 4)
+    plan = plan_commit(block_table, block_size, torch.randint(0, 100, (R,), generator=gen),
+                       _random_paths(gen, R, depth, budget))
+    layers = [_cache(layout, R * 4, block_size, 2, 64, dtype, gen) for _ in range(3)]
+    original, want = layers[0].clone(), [c.clone() for c in layers]
+    for cache in want:
+        for view in paged_kv_views(cache, layout):
+            commit_accepted_kv_reference(view, plan)
+    commit_accepted_tokens(layers, layout, plan)
+    for got, expected in zip(layers, want):
+        assert torch.equal(got, expected)
+    assert plan.moves.any() and not torch.equal(layers[0], original)
 
 
 def _random_paths(gen, R, depth, budget):

@@ -39,6 +39,7 @@ def make_batch(requests, budget, page, kv_heads, group, head_dim, dtype, layout,
             tree_bits[r] = _tree_bits(kind.split(":")[1], budget, gen)
             tree_rows[r] = budget + 1
     shape = {"vllm": (num_blocks, kv_heads, page, 2 * head_dim), "cpu": (num_blocks, kv_heads, page, 2 * head_dim),
+             "cpu_amx": (num_blocks, kv_heads, page, 2 * head_dim),
              "flash_attn": (2, num_blocks, page, kv_heads, head_dim)}[layout]
     kv_cache = (torch.randn(shape, generator=gen) * 2).to(dtype)
     query = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
@@ -133,14 +134,16 @@ def test_tree_rows_see_only_ancestors(device):
     assert changed.tolist() == [r == 3 for r in range(9)]
 
 
-@pytest.mark.parametrize("layout", ["cpu", "vllm", "flash_attn"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_amx", "vllm", "flash_attn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_cpu_path_matches_reference(layout, dtype):
-    # The CPU backend's path: requests of equal query length batched into one masked SDPA.
+    # The CPU backend's path: requests of equal query length batched into one masked SDPA, reading
+    # the layer's cache through its views or (the AMX layout) by flat indices.
     gen = torch.Generator().manual_seed(3)
     requests = MIXED + [("tree:deep", 50, 16), ("decode", 3, 1), ("tree:chain", 0, 16), ("prefill", 7, 9)]
-    query, keys, values, meta = make_batch(requests, 15, 16, 2, 4, 64, dtype, layout, gen, "cpu")
-    got = tree_attention_dense(query, keys, values, meta, scale=0.125)
+    query, keys, values, meta, kv_cache = make_batch(requests, 15, 16, 2, 4, 64, dtype, layout, gen, "cpu",
+                                                     with_cache=True)
+    got = tree_attention_dense(query, kv_cache, layout, meta, scale=0.125)
     want = tree_attention_reference(query, keys, values, meta, scale=0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

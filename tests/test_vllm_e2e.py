@@ -467,19 +467,19 @@ def test_kv_commit_moves_the_targets_caches_each_once(models):
         caches = runner.compilation_config.static_forward_context
         drafter_spans = [(c.data_ptr(), c.data_ptr() + c.nbytes) for c in
                          (caches[name].kv_cache for name in runner.drafter._draft_attn_layer_names)]
-        in_drafter_cache = [any(a <= v.data_ptr() < b for a, b in drafter_spans) for v in state.commit_views]
-        counts = [len(state.target_layers), len(state.commit_views)]
+        in_drafter_cache = [any(a <= c.data_ptr() < b for a, b in drafter_spans) for c in state.kv_caches]
+        counts = [len(state.target_layers), len(state.kv_caches)]
         # Layers that share one cache (vLLM's KV sharing) are moved once.
         layers = list(state.target_layers.values())
         layers[1].kv_cache = layers[0].kv_cache
         attach_target_layers(runner, state)
-        return counts, len(state.commit_views), len(drafter_spans), in_drafter_cache
+        return counts, len(state.kv_caches), len(drafter_spans), in_drafter_cache
 
     counts, shared, drafter_layers, in_drafter_cache = run(models, PROMPTS[:1], spec={"method": "ddtree",
                                                                               "num_speculative_tokens": 4},
                                                    after=inspect).inspected
-    assert counts == [TARGET_LAYERS, 2 * TARGET_LAYERS]  # keys and values of every target layer
-    assert shared == 2 * (TARGET_LAYERS - 1)
+    assert counts == [TARGET_LAYERS, TARGET_LAYERS]  # every target layer's cache
+    assert shared == TARGET_LAYERS - 1
     assert drafter_layers >= 1 and not any(in_drafter_cache)  # the drafter's own caches are never moved
 
 

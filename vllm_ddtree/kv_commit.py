@@ -92,6 +92,42 @@ class PackedTokens:
         packed_rows = (heads, head_dim // 2, self.PAIR) if self.keys else (heads, head_dim // self.TOKENS, self.TOKENS)
         self.packed[self._index(blocks, offsets)] = rows.reshape(*blocks.shape, *packed_rows)
 
+    def elements(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Storage indices of tokens ``(blocks, offsets)``: ``[..., kv_heads, head_dim]``."""
+        stride, heads, head_dim = self.packed.stride(), *self.shape[2:]
+        h = torch.arange(heads, device=blocks.device).unsqueeze(1) * stride[1]
+        d = torch.arange(head_dim, device=blocks.device)
+        if self.keys:
+            token = offsets // self.TOKENS * stride[2] + offsets % self.TOKENS * stride[4]
+            dim = d // self.PAIR * stride[3] + d % self.PAIR * stride[5]
+        else:
+            token = offsets // self.PAIR * stride[3] + offsets % self.PAIR * stride[5]
+            dim = d // self.TOKENS * stride[2] + d % self.TOKENS * stride[4]
+        return (self.packed.storage_offset() + blocks * stride[0] + token)[..., None, None] + h + dim
+
+
+def token_elements(kv_cache: torch.Tensor, layout: str, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Indices into :func:`flat_cache` of the keys and values of tokens ``(blocks, offsets)``:
+    ``[..., 2, kv_heads, head_dim]`` int64 (K then V). They depend only on the cache's shape and
+    strides (computed on a ``meta`` stand-in), so one set serves every layer of that geometry."""
+    geometry = torch.empty_strided(kv_cache.shape, kv_cache.stride(), dtype=kv_cache.dtype, device="meta")
+    return torch.stack([_view_elements(view, blocks, offsets) for view in paged_kv_views(geometry, layout)], -3)
+
+
+def flat_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of every element a layer's cache spans, from its first one (any dense layout)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(kv_cache.shape, kv_cache.stride()))
+    return kv_cache.as_strided((span,), (1,))
+
+
+def _view_elements(view, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if isinstance(view, PackedTokens):
+        return view.elements(blocks, offsets)
+    stride, heads, head_dim = view.stride(), *view.shape[2:]
+    h = torch.arange(heads, device=blocks.device).unsqueeze(1) * stride[2]
+    d = torch.arange(head_dim, device=blocks.device) * stride[3]
+    return (view.storage_offset() + blocks * stride[0] + offsets * stride[1])[..., None, None] + h + d
+
 
 @dataclass
 class CommitPlan:
@@ -124,6 +160,19 @@ def commit_accepted_kv(token_views: list[torch.Tensor], plan: CommitPlan, use_tr
             _commit_triton(view, plan)
         else:
             commit_accepted_kv_reference(view, plan)
+
+
+def commit_accepted_tokens(kv_caches: list[torch.Tensor], layout: str, plan: CommitPlan) -> None:
+    """:func:`commit_accepted_kv` on whole layer caches of one geometry, by flat indices computed once
+    for all of them (keys and values of every move): two ops per layer, whatever the layout (the
+    CPU path: its views cost a gather and a scatter each, the AMX one several)."""
+    if not kv_caches:
+        return
+    src = token_elements(kv_caches[0], layout, plan.src_block, plan.src_offset).flatten()
+    dst = token_elements(kv_caches[0], layout, plan.dst_block, plan.dst_offset).flatten()
+    for cache in kv_caches:
+        flat = flat_cache(cache)
+        flat[dst] = flat[src]  # every source is read before any destination is written
 
 
 def commit_accepted_kv_reference(view: torch.Tensor, plan: CommitPlan) -> None:

@@ -107,9 +107,10 @@ def draft_topk(draft_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     logp = torch.empty(R * D, k, dtype=torch.float32, device=flat.device)
     tokens = torch.empty(R * D, k, dtype=torch.int64, device=flat.device)
     for rows in row_chunks(R * D, V * _TOPK_BYTES_PER_ENTRY):
-        logits = flat[rows].float()
-        top_logits, tokens[rows] = torch.topk(logits, k, dim=-1)
-        logp[rows] = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        # The top-k in the logits' own dtype (widening to float32 keeps every value and its order);
+        # only the normaliser needs float32 accuracy.
+        top_logits, tokens[rows] = torch.topk(flat[rows], k, dim=-1)
+        logp[rows] = top_logits.float() - torch.logsumexp(flat[rows].float(), dim=-1, keepdim=True)
     # A depth with every logit masked gives -inf - -inf = NaN; it means "nothing is possible".
     logp = torch.nan_to_num(logp, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     return logp.view(R, D, k), tokens.view(R, D, k)

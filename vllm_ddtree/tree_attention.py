@@ -23,7 +23,7 @@ masks are planned once per step (:func:`plan_dense`) for all layers. Both read l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -142,9 +142,21 @@ def tree_attention_reference(query: torch.Tensor, key_cache: torch.Tensor, value
 
 @dataclass
 class DensePlan:
-    """Per-step gather indices and masks of :func:`tree_attention_dense`: one group per query length."""
+    """Per-step gather indices and masks of :func:`tree_attention_dense`: one group per query length.
+    ``elements`` caches, per group and cache geometry, the flat indices of the group's keys and
+    values (:func:`vllm_ddtree.kv_commit.token_elements`), for layouts whose views gather slowly."""
 
     groups: list  # (query rows [G, Q], key blocks [G, S], key offsets [G, S], mask [G, 1, Q, S])
+    elements: dict = field(default_factory=dict)
+
+    def token_elements(self, group: int, kv_cache: torch.Tensor, layout: str) -> torch.Tensor:
+        from vllm_ddtree.kv_commit import token_elements
+
+        key = (group, layout, tuple(kv_cache.shape), kv_cache.stride())
+        if key not in self.elements:
+            _, blocks, offsets, _ = self.groups[group]
+            self.elements[key] = token_elements(kv_cache, layout, blocks, offsets)  # [G, S, 2, Hkv, D]
+        return self.elements[key]
 
 
 def plan_dense(meta: TreeAttentionMetadata, page: int) -> DensePlan:
@@ -178,21 +190,34 @@ def plan_dense(meta: TreeAttentionMetadata, page: int) -> DensePlan:
     return DensePlan(groups)
 
 
-def tree_attention_dense(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                         meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
-                         plan: DensePlan | None = None) -> torch.Tensor:
-    """Same contract as the kernel: masked SDPA batched over requests of equal query length, in the
-    query's dtype (torch's CPU flash attention accumulates half-precision inputs in float32)."""
+# Layouts whose tokens a flat gather by precomputed indices reads faster than the views' indexing
+# (the AMX layout's views index six dimensions at once).
+_GATHER_BY_ELEMENTS = ("cpu_amx",)
+
+
+def tree_attention_dense(query: torch.Tensor, kv_cache: torch.Tensor, layout: str, meta: TreeAttentionMetadata,
+                         scale: float, out: torch.Tensor | None = None, plan: DensePlan | None = None) -> torch.Tensor:
+    """The kernel's contract on one layer's whole cache in ``layout`` (see
+    :data:`vllm_ddtree.kv_commit.LAYOUTS`): masked SDPA batched over requests of equal query length,
+    in the query's dtype (torch's CPU flash attention accumulates half-precision inputs in float32)."""
     import torch.nn.functional as F
+
+    from vllm_ddtree.kv_commit import flat_cache, paged_kv_views
 
     if out is None:
         out = torch.empty_like(query)
     if plan is None:
-        plan = plan_dense(meta, key_cache.shape[1])
-    for rows, blocks, offsets, mask in plan.groups:
+        plan = plan_dense(meta, kv_cache.shape[2])
+    for index, (rows, blocks, offsets, mask) in enumerate(plan.groups):
         q = query[rows].transpose(1, 2)  # [G, Hq, Q, D]
-        k = key_cache[blocks, offsets].to(q.dtype).transpose(1, 2)  # [G, Hkv, S, D]
-        v = value_cache[blocks, offsets].to(q.dtype).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        if layout in _GATHER_BY_ELEMENTS:
+            elements = plan.token_elements(index, kv_cache, layout)
+            kv = torch.take(kv_cache, elements) if kv_cache.is_contiguous() else flat_cache(kv_cache)[elements]
+            k, v = kv[:, :, 0], kv[:, :, 1]  # [G, S, Hkv, D]
+        else:
+            keys, values = paged_kv_views(kv_cache, layout)
+            k, v = keys[blocks, offsets], values[blocks, offsets]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.transpose(1, 2).to(out.dtype)
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from vllm_ddtree.adapter.attention_hook import call_output, tree_metadata, wrap_forward
 from vllm_ddtree.adapter.support import refusal
-from vllm_ddtree.kv_commit import paged_kv_views
 from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense
 
 LAYOUT_OF_ISA = {"vec": "cpu", "vec16": "cpu", "amx": "cpu_amx"}
@@ -41,10 +40,9 @@ def hook(name: str, layer) -> None:
         tree = tree_metadata(attn_metadata)
         output = call_output(args, kwargs)
         n = attn_metadata.num_actual_tokens
-        keys, values = paged_kv_views(kv_cache, layout)
         if tree.dense_plan is None:
-            tree.dense_plan = plan_dense(tree, keys.shape[1])
-        tree_attention_dense(query[:n].view(n, impl.num_heads, impl.head_size), keys, values, tree, impl.scale,
+            tree.dense_plan = plan_dense(tree, kv_cache.shape[2])
+        tree_attention_dense(query[:n].view(n, impl.num_heads, impl.head_size), kv_cache, layout, tree, impl.scale,
                              out=output[:n].view(n, impl.num_heads, impl.head_size), plan=tree.dense_plan)
         return output
 

@@ -79,6 +79,7 @@ class DDTreeProposer(DFlashProposer):
         return tree.token_ids
 
     def _sample_draft_tokens(self, hidden_states: torch.Tensor, sampling_metadata, *args, **kwargs):
-        # DDTree needs the whole per-depth distribution, not a sample of it.
+        # DDTree needs the whole per-depth distribution, not a sample of it; DFlash's own token ids
+        # are never used, so none are computed (an argmax over the vocabulary costs what the top-k does).
         self._draft_logits = self.model.compute_logits(hidden_states)
-        return self._draft_logits.argmax(-1), None
+        return torch.zeros(hidden_states.shape[0], dtype=torch.int64, device=hidden_states.device), None

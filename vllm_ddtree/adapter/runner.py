@@ -32,8 +32,9 @@ import torch
 from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.adapter.support import refusal
 from vllm_ddtree.budget import StepCosts
-from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
+from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_tokens, paged_kv_views, plan_commit
 from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
 from vllm_ddtree.verify import TreeSampling, verify_tree
@@ -69,7 +70,8 @@ class DDTreeState:
         self.pending_attention: TreeAttentionMetadata | None = None
         self.target_layers: dict[str, object] = {}
         self.kv_group = 0
-        self.commit_views: list[torch.Tensor] = []
+        self.kv_caches: list[torch.Tensor] = []  # the target's caches, each once
+        self.kv_layout = "vllm"
 
     def remember_trees(self, tree: DraftTree, req_ids) -> None:
         self.drafted = (tree, list(req_ids))
@@ -178,12 +180,16 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
     layers = runner.compilation_config.static_forward_context
     state.target_layers = {name: layers[name] for name in group_of}
     state.kv_group = next(iter(group_of.values()))
-    caches = {}
+    caches, layouts = {}, set()
     for name, layer in state.target_layers.items():
         hook_target_layer(name, layer)
-        layout = cpu_attention.cache_layout(name, layer) if runner.device.type == "cpu" else "vllm"
-        caches.setdefault(layer.kv_cache.data_ptr(), (layer.kv_cache, layout))  # layers sharing a cache: once
-    state.commit_views = [view for cache, layout in caches.values() for view in paged_kv_views(cache, layout)]
+        layouts.add(cpu_attention.cache_layout(name, layer) if runner.device.type == "cpu" else "vllm")
+        caches.setdefault(layer.kv_cache.data_ptr(), layer.kv_cache)  # layers sharing a cache: once
+    geometries = {(c.shape, c.stride(), c.dtype) for c in caches.values()}
+    if len(layouts) != 1 or len(geometries) != 1:
+        raise refusal(f"target attention layers with different KV cache layouts or shapes ({sorted(layouts)}, "
+                      f"{len(geometries)} shapes)")
+    state.kv_caches, state.kv_layout = list(caches.values()), layouts.pop()
 
 
 def write_tree_positions(positions: torch.Tensor, step: StepTrees, offsets: torch.Tensor) -> None:
@@ -288,11 +294,14 @@ class TreeVerifier(torch.nn.Module):
         return sampler.gather_logprobs(values, max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
     def _commit_kv(self, step, accepted_nodes) -> None:
-        views = self.state.commit_views
-        if not views:
+        caches, layout = self.state.kv_caches, self.state.kv_layout
+        if not caches:
             return
-        plan = plan_commit(step.attention.block_table, views[0].shape[1], step.root_positions, accepted_nodes)
-        commit_accepted_kv(views, plan)
+        plan = plan_commit(step.attention.block_table, caches[0].shape[2], step.root_positions, accepted_nodes)
+        if caches[0].is_cuda:  # the Triton kernel, one launch per view, no host read
+            commit_accepted_kv([view for cache in caches for view in paged_kv_views(cache, layout)], plan)
+        elif plan.moves.any():  # CPU: the host is the device, so reading it costs nothing; most paths
+            commit_accepted_tokens(caches, layout, plan)  # are contiguous and move nothing
 
     def _reserve_tree_step_memory(self, logits: torch.Tensor) -> None:
         """Runs a full-size tree step during vLLM's memory profiling, so that the KV cache is sized
