@@ -70,9 +70,10 @@ def instrument(watch: Stopwatch):
         runner = model_runner(llm)
         watch.wrap(runner, "execute_model")
         watch.wrap(runner, "sample_tokens")
-        watch.wrap(runner.rejection_sampler, "forward", "  verify (sampler)")
-        watch.wrap(runner.drafter, "propose", "  drafter propose")
         watch.wrap(runner, "_bookkeeping_sync", "  bookkeeping")
+        if hasattr(runner, "drafter"):  # a speculative engine
+            watch.wrap(runner.rejection_sampler, "forward", "  verify (sampler)")
+            watch.wrap(runner.drafter, "propose", "  drafter propose")
 
     return before
 

@@ -26,6 +26,9 @@ def reference_kept(scores, step, draft, base_rows):
         kept[flat // B] += 1
         phi += delta
         rows += 1
+    draft_cost = draft[min(R, len(draft) - 1)]
+    if not (R + phi) * step[min(base_rows, len(step) - 1)] > R * (draft_cost + step[min(rows, len(step) - 1)]):
+        return [0] * R  # plain decoding is faster than this tree
     return kept
 
 
@@ -53,12 +56,14 @@ def test_kept_nodes_equal_the_greedy_reference(seed):
 def test_free_rows_keep_every_node_and_dear_rows_keep_none():
     gen = torch.Generator().manual_seed(0)
     tree = build_tree(torch.randn(5, 7, 40, generator=gen), 16)
-    flat = StepCosts.from_samples({1: 1.0, 1000: 1.0}, {1: 1.0, 64: 1.0}, 1000, 64)  # rows cost nothing extra
+    flat = StepCosts.from_samples({1: 1.0, 1000: 1.0}, {1: 0.0, 64: 0.0}, 1000, 64)  # rows and drafts cost nothing
     assert torch.equal(kept_nodes(tree.scores, flat), tree.num_nodes)
     dear = StepCosts.from_samples({1: 1.0, 1000: 1e6}, {1: 1.0, 64: 1.0}, 1000, 64)
     assert kept_nodes(tree.scores, dear).sum() == 0
-    short = StepCosts.from_samples({1: 1.0, 10: 1.0}, {1: 1.0, 64: 1.0}, 10, 64)  # the step holds 10 rows
+    short = StepCosts.from_samples({1: 1.0, 10: 1.0}, {1: 0.0, 64: 0.0}, 10, 64)  # the step holds 10 rows
     assert kept_nodes(tree.scores, short).sum() == 10 - 5
+    dear_drafter = StepCosts.from_samples({1: 1.0, 1000: 1.0}, {1: 1e3, 64: 1e3}, 1000, 64)  # no tree pays it back
+    assert kept_nodes(tree.scores, dear_drafter).sum() == 0
 
 
 def test_kept_nodes_are_the_best_of_each_request():

@@ -10,8 +10,10 @@ DDTree's heap pops them), and keep adding the next node while expected tokens pe
 
 with n the step's query rows so far (one per request, plus the nodes taken), Phi the sum of the
 deltas taken and R the requests' bonus tokens (every request emits one token whatever it accepts).
-With C_step convex in n the first stop is the optimum. Each request keeps a prefix of its nodes in
-pop order (its own deltas never increase along it), possibly none.
+With C_step convex in n the first stop is the optimum. Then the tree as a whole must beat plain
+decoding, whose step pays neither the drafter nor the extra rows: (R + Phi) / (C_draft + C_step(n))
+against R / C_step(n0); where it does not, no request keeps a node. Each request keeps a prefix of
+its nodes in pop order (its own deltas never increase along it), possibly none.
 
 In:  ``scores [R, B]`` (the tree's path log-probabilities, -inf in unused slots), a :class:`StepCosts`.
 Out: ``kept [R]`` int64, nodes to verify per request. Fixed shapes, on the device, no host read.
@@ -95,4 +97,11 @@ def kept_nodes(scores: torch.Tensor, costs: StepCosts, base_rows: torch.Tensor |
     # A node whose row costs nothing more always pays (however small its delta, even 0 by underflow).
     pays = valid & ((extra == 0) | (d * (draft + here) > (R + phi) * extra))
     taken = torch.cumprod(pays.to(torch.int64), 0)  # the first node that does not pay ends the tree
+    # The tree as a whole must also beat plain decoding, which pays neither the drafter nor its rows:
+    # (R + Phi) / (C_draft + C_step(n0 + K)) against R / C_step(n0).
+    K = taken.sum()
+    expected = R + (d * taken).sum()
+    with_tree = expected * costs.step[n0.clamp(max=N)]
+    without = R * (draft + costs.step[(n0 + K).clamp(max=N)])
+    taken = taken * (with_tree > without)
     return torch.zeros(R, dtype=torch.int64, device=dev).scatter_add_(0, order // B, taken)

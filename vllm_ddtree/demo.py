@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     print(f"\ntarget SmolLM2-135M-Instruct, drafter {os.path.basename(args.drafter)} (D = {depth}), greedy, "
           f"{args.max_tokens} new tokens, {len(PROMPTS)} prompts at once")
     print(f"tau (tokens per target step): dflash chain {chain.tau:.2f}, ddtree B={args.budget} {tree.tau:.2f} "
-          f"({tree.tau / chain.tau:.2f}x the chain), ddtree cost-aware {costed.tau:.2f}")
+          f"({tree.tau / chain.tau:.2f}x the chain), ddtree cost-aware {costed.tau:.2f} "
+          f"(over the {costed.target_steps or 0} steps that verified a tree)")
     print("tokens per second (generation only): " + ", ".join(
         f"{name} {run.tokens_per_second:.1f} ({run.tokens_per_second / plain.tokens_per_second:.2f}x)"
         for name, run in runs.items()))

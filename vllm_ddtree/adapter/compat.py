@@ -45,6 +45,9 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
         "self", "num_tokens", "cudagraph_runtime_mode", "force_attention", "uniform_decode", "allow_microbatching",
         "skip_eplb", "is_profile", "create_mixed_batch", "remove_lora", "is_graph_capturing", "num_active_loras",
         "profile_seq_lens", "randomize_inputs"),
+    "vllm.model_executor.models.qwen3_dflash.DFlashQwen3ForCausalLM.precompute_and_store_context_kv": (
+        "self", "context_states", "context_positions", "context_slot_mapping"),
+    "vllm.model_executor.models.qwen3_dflash.DFlashQwen3ForCausalLM.combine_hidden_states": ("self", "hidden_states"),
     "vllm.v1.spec_decode.dflash.DFlashProposer.dummy_run": (
         "self", "num_tokens", "use_cudagraphs", "is_graph_capturing", "slot_mappings"),
     "vllm.v1.sample.rejection_sampler.RejectionSampler.forward": (

@@ -62,10 +62,10 @@ class DDTreeProposer(DFlashProposer):
         state.full_draft_last_step = state.skip_drafting == 0
         if not state.full_draft_last_step:
             # Trees do not pay at this batch: keep the drafter's context (its K/V of this step's
-            # tokens, which later drafts attend to) and draft nothing, as vLLM's K = 0 does.
+            # tokens, which later drafts attend to) and draft nothing.
             state.skip_drafting -= 1
-            inputs["num_speculative_tokens"] = 0
-            super().propose(*call.args[1:], **call.kwargs)
+            self._keep_context(inputs["target_hidden_states"], inputs["target_positions"],
+                               inputs["common_attn_metadata"])
             return torch.empty(num_reqs, 0, dtype=torch.int64, device=inputs["next_token_ids"].device)
         inputs["num_speculative_tokens"] = self.depth
         super().propose(*call.args[1:], **call.kwargs)
@@ -77,6 +77,16 @@ class DDTreeProposer(DFlashProposer):
         # -1 marks the slots a request does not verify (unused, or not worth their rows): the runner
         # hands the scheduler each row up to its first -1.
         return tree.token_ids
+
+    def _keep_context(self, hidden_states, positions, common_attn_metadata) -> None:
+        """Writes the drafter's K/V of this step's rows, as DFlash's drafting pass begins by doing
+        (same projection, positions and slots), without the pass itself: no query forward, no LM head."""
+        cad = common_attn_metadata
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        request = torch.bucketize(rows, cad.query_start_loc[1:].to(torch.int64), right=True)
+        blocks = cad.block_table_tensor[request, positions // self.block_size].to(torch.int64)
+        slots = blocks * self.block_size + positions % self.block_size
+        self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden_states), positions, slots)
 
     def _sample_draft_tokens(self, hidden_states: torch.Tensor, sampling_metadata, *args, **kwargs):
         # DDTree needs the whole per-depth distribution, not a sample of it; DFlash's own token ids

@@ -52,9 +52,10 @@ class StepTrees:
 
 
 # A cost-aware engine whose last full drafter pass kept no node for the whole batch runs the drafter
-# without drafting (its context K/V only) for this many steps minus one, then drafts again to see
-# whether trees pay now (the batch and its contexts change).
-PROBE_INTERVAL = 8
+# without drafting (its context K/V only) until it probes again with a full pass, to see whether
+# trees pay now (the batch and its contexts change): after 8 steps, and twice as long after each probe
+# that again keeps nothing, up to 64; a probe that keeps a node starts over at 8.
+PROBE_INTERVAL, MAX_PROBE_INTERVAL = 8, 64
 
 
 class DDTreeState:
@@ -65,6 +66,8 @@ class DDTreeState:
         self.costs: StepCosts | None = None  # the cost-aware policy's tables (engine start)
         self.full_draft_last_step = False
         self.skip_drafting = 0  # steps left that keep the drafter's context without drafting
+        self.probe_interval = PROBE_INTERVAL
+        self.reserved = False  # the profiling run's tree step (GPU) ran
         self.drafted: tuple[DraftTree, list[str]] | None = None
         self.step: StepTrees | None = None
         self.pending_attention: TreeAttentionMetadata | None = None
@@ -209,11 +212,15 @@ def prepare_tree_step(runner, state: DDTreeState, spec_decode_metadata) -> None:
     drafted = state.take_trees()
     state.step = state.pending_attention = None
     nothing_drafted = spec_decode_metadata is None or not any(spec_decode_metadata.num_draft_tokens)
-    if state.full_draft_last_step and nothing_drafted and state.policy == "cost-aware":
-        # The last full drafter pass kept no node for any request (the schedule, a host list every
-        # rank gets alike, says so: no device value is read).
-        state.skip_drafting = PROBE_INTERVAL - 1
-    if spec_decode_metadata is None:
+    if state.full_draft_last_step and state.policy == "cost-aware":
+        # Whether the last full drafter pass kept a node for any request: the schedule, a host list
+        # every rank gets alike, says so (no device value is read).
+        if nothing_drafted:
+            state.skip_drafting = state.probe_interval - 1
+            state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
+        else:
+            state.probe_interval = PROBE_INTERVAL
+    if nothing_drafted:  # no tree to verify: vLLM's own attention and sampler serve the step
         return
     num_reqs = runner.input_batch.num_reqs
     dev = runner.positions.device
@@ -267,9 +274,10 @@ class TreeVerifier(torch.nn.Module):
         from vllm.v1.outputs import SamplerOutput
 
         step = self.state.step
-        if step is None:  # only vLLM's profiling and warm-up runs verify without a tree step
+        if step is None:  # vLLM's profiling and warm-up runs, or a step where no request has a draft
             output = self.chain_sampler(metadata, draft_probs, logits, sampling_metadata, *args, **kwargs)
-            if logits.is_cuda:
+            if logits.is_cuda and not self.state.reserved:  # the first such call is vLLM's memory profile
+                self.state.reserved = True
                 self._reserve_tree_step_memory(logits)
             return output
         dev = logits.device

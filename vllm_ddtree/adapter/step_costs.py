@@ -4,8 +4,10 @@ C_step(rows): a target step over that many query rows (vLLM's dummy forward, wit
 on GPUs, plus the LM head over every row: a verify step needs logits for all of them; on CPU vLLM's
 dummy attention crashes its kernel, so there the attention is left out).
 C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
-each, its LM head over D rows each, and the tree build). Both are timed at engine start on the
-engine's own device (median of 3 after a warm-up, at powers of two up to what one step can hold),
+each, its LM head over D rows each, and the tree build), and on CPU the dense tree attention that a
+tree step runs in every target layer instead of vLLM's kernel. Both are timed at engine start on the
+engine's own device (median of 3 after a warm-up, one when a pass takes over 0.25 s, at powers of two
+up to what one step can hold),
 fitted monotone convex, logged in one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``)
 under a key of everything they depend on (models, dtype, device, parallel sizes, budget, scheduler
 limits, vLLM version) so that a restart does not pay them again. A user's table
@@ -95,9 +97,40 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
         logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.depth])
         build_tree(logits.view(requests, state.depth, -1)[..., :vocab], state.budget)
 
+    def speculative_pass(requests):
+        drafter_pass(requests)
+        if runner.device.type == "cpu":
+            _cpu_tree_attention(runner, state, requests)
+
     step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
-    draft = {r: _median_seconds(drafter_pass, r, runner.device) for r in _grid(max_requests)}
+    draft = {r: _median_seconds(speculative_pass, r, runner.device) for r in _grid(max_requests)}
     return step, draft
+
+
+def _cpu_tree_attention(runner, state, requests: int, context: int = 256) -> None:
+    """What a tree step costs on vLLM's CPU backend beyond its rows: every target layer attends to each
+    tree request's context through the dense-mask path (vLLM's own kernel serves other steps). One
+    layer's cost, run once per layer, at a nominal context, with a random tree."""
+    from vllm_ddtree.adapter.cpu_attention import cache_layout
+    from vllm_ddtree.tree_attention import TreeAttentionMetadata, plan_dense, tree_attention_dense
+
+    name, layer = next(iter(state.target_layers.items()))
+    cache, impl = layer.kv_cache, layer.impl
+    layout = cache_layout(name, layer)
+    N, page, dev = state.budget + 1, cache.shape[2], runner.device
+    seq = context + N
+    blocks_each = (seq + page - 1) // page
+    tree = build_tree(torch.randn(requests, state.depth, 64, device=dev), state.budget)
+    meta = TreeAttentionMetadata(
+        query_start_loc=(torch.arange(requests + 1, device=dev) * N).to(torch.int32),
+        seq_lens=torch.full((requests,), seq, dtype=torch.int32, device=dev),
+        block_table=(torch.arange(requests * blocks_each, device=dev) % cache.shape[0]).view(requests, -1).to(
+            torch.int32),
+        tree_bits=tree.ancestor_bits, tree_rows=torch.full((requests,), N, dtype=torch.int32, device=dev))
+    query = torch.randn(requests * N, impl.num_heads, impl.head_size, dtype=cache.dtype, device=dev)
+    plan = plan_dense(meta, page)
+    for _ in state.target_layers:
+        tree_attention_dense(query, cache, layout, meta, impl.scale, plan=plan)
 
 
 def _grid(limit: int) -> list[int]:
@@ -116,9 +149,13 @@ def _median_seconds(fn, size: int, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    sync()
+    start = time.perf_counter()
     fn(size)  # warm-up (compilation, allocator)
+    sync()
+    repeats = 3 if time.perf_counter() - start < 0.25 else 1  # long passes vary little: spare the start
     samples = []
-    for _ in range(3):
+    for _ in range(repeats):
         sync()
         start = time.perf_counter()
         fn(size)
