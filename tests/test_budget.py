@@ -95,3 +95,20 @@ def test_cost_tables_are_the_monotone_convex_fit():
     assert table[64] == pytest.approx(30.0) and table[100] > table[64]  # extended past the last sample
     with pytest.raises(ValueError, match="at least two samples"):
         convex_table({1: 1.0}, 10)
+
+
+def test_calibration_scales_every_delta_and_learns_the_accepted_share():
+    from vllm_ddtree.budget import AcceptanceCalibration
+
+    gen = torch.Generator().manual_seed(6)
+    tree = build_tree(torch.randn(4, 7, 40, generator=gen) * 2, 24)
+    costs = _random_costs(random.Random(6), max_rows=200, max_requests=16)
+    halved = kept_nodes(tree.scores, costs, calibration=torch.tensor(0.5, dtype=torch.float64))
+    assert torch.equal(halved, kept_nodes(tree.scores + math.log(0.5), costs))
+    # The drafter expects 4 accepted nodes where the target accepts 1: the ratio moves toward 1/4.
+    calibration = AcceptanceCalibration("cpu", weight=0.5)
+    scores = torch.full((2, 3), math.log(2 / 3))  # two trees of three nodes, 2/3 each: 4 expected
+    calibration.update(scores, torch.tensor([1, 0]))
+    assert calibration.value.item() == pytest.approx(0.5 * 1 + 0.5 * 0.25)
+    calibration.update(torch.full((2, 3), float("-inf")), torch.tensor([0, 0]))  # no node verified
+    assert calibration.value.item() == pytest.approx(0.625)

@@ -423,6 +423,46 @@ def test_drafter_with_foreign_layer_ids_is_refused(models, tmp_path):
                                        "num_speculative_tokens": 8}).create_engine_config()
 
 
+@pytest.mark.parametrize("engine,message", [
+    ({"async_scheduling": True}, "does not support async scheduling .*remove async_scheduling"),
+    ({"speculative": {"disable_padded_drafter_batch": True}}, "does not support disable_padded_drafter_batch"),
+])
+def test_engine_settings_ddtree_cannot_run_under_are_refused(models, engine, message):
+    from vllm.engine.arg_utils import EngineArgs
+
+    spec = {"model": models[1], "method": "ddtree", "num_speculative_tokens": 8, **engine.pop("speculative", {})}
+    with pytest.raises(Exception, match=message):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512, speculative_config=spec,
+                   **engine).create_engine_config()
+
+
+def test_engine_settings_check_turns_async_scheduling_off_and_refuses_dbo():
+    # vLLM turns async scheduling on by default for dflash on GPUs (the CPU platform turns it off for
+    # every engine, so an engine here cannot show it): ddtree's check, run before vLLM resolves its
+    # defaults, turns the unset default off with a log line and refuses what it cannot run under.
+    from types import SimpleNamespace
+
+    from vllm_ddtree.adapter.support import check_engine_settings
+
+    lines = []
+    log = SimpleNamespace(info=lambda message, *args: lines.append(message % args))
+
+    def config(async_scheduling=None, enable_dbo=False):
+        return SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+                               parallel_config=SimpleNamespace(enable_dbo=enable_dbo),
+                               cache_config=SimpleNamespace(cache_dtype="auto"))
+
+    unset = config()
+    check_engine_settings(unset, log)
+    assert unset.scheduler_config.async_scheduling is False and lines == [
+        "ddtree: async scheduling off (the tree verifier and KV commit are synchronous with the step)"]
+    explicit_off = config(async_scheduling=False)
+    check_engine_settings(explicit_off, log)
+    assert explicit_off.scheduler_config.async_scheduling is False and len(lines) == 1
+    with pytest.raises(ValueError, match="does not support dual-batch overlap"):
+        check_engine_settings(config(enable_dbo=True), log)
+
+
 def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
     from vllm.config.compilation import CUDAGraphMode
     from vllm.engine.arg_utils import EngineArgs

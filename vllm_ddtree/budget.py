@@ -70,21 +70,43 @@ def convex_table(samples: dict[int, float], size: int, device=None) -> torch.Ten
     return torch.cummin(table.flip(0), 0).values.flip(0).to(device)
 
 
+class AcceptanceCalibration:
+    """How much of what the drafter expects the target accepts: a running ratio, on the device, of the
+    nodes accepted to the sum of the verified nodes' deltas (the drafter's own expectation of them).
+    DFlash's per-depth marginals multiplied along a path are overconfident, and the budget rule
+    would otherwise verify trees that do not pay. Starts at 1 (the drafter taken at its word)."""
+
+    def __init__(self, device, weight: float = 0.05, floor: float = 0.02, ceiling: float = 2.0):
+        self.value = torch.ones((), dtype=torch.float64, device=device)
+        self.weight, self.floor, self.ceiling = weight, floor, ceiling
+
+    def update(self, scores: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """After a verify step: ``scores [R, B]`` of the verified trees (-inf past each one's nodes)
+        and the nodes each accepted ``[R]``. Steps that verified no node leave it as it is."""
+        expected = scores.double().exp().sum()
+        ratio = (num_accepted.sum().double() / expected.clamp(min=1e-9)).clamp(self.floor, self.ceiling)
+        updated = (1 - self.weight) * self.value + self.weight * ratio
+        self.value = torch.where(expected > 0, updated, self.value)
+
+
 def _cross(o, a, b) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def kept_nodes(scores: torch.Tensor, costs: StepCosts, base_rows: torch.Tensor | int | None = None) -> torch.Tensor:
+def kept_nodes(scores: torch.Tensor, costs: StepCosts, base_rows: torch.Tensor | int | None = None,
+               calibration: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Nodes each request verifies under the rule above: ``kept [R]`` int64.
 
     ``base_rows``: the step's rows before any node (default R: one per request; a tensor keeps it on
-    the device). Nodes whose step would pass the table's rows are never kept.
+    the device). Nodes whose step would pass the table's rows are never kept. ``calibration`` scales
+    every delta (a drafter's path probabilities overstate what the target accepts: see
+    :class:`AcceptanceCalibration`); it does not change the order.
     """
     R, B = scores.shape
     dev = scores.device
     flat = scores.double().flatten()
     order = torch.argsort(flat, descending=True, stable=True)  # delta = exp(score): the same order
-    d, valid = flat[order].exp(), flat[order] > float("-inf")
+    d, valid = flat[order].exp() * calibration, flat[order] > float("-inf")
     n0 = torch.as_tensor(R if base_rows is None else base_rows, device=dev, dtype=torch.int64)
     N = costs.step.shape[0] - 1
     rows = n0 + torch.arange(R * B, device=dev)  # the step's rows before node k is added

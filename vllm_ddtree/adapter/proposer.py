@@ -72,7 +72,7 @@ class DDTreeProposer(DFlashProposer):
         logits, self._draft_logits = self._draft_logits, None
         tree = build_tree(logits.view(num_reqs, self.depth, -1), self.budget)
         if state.costs is not None:
-            tree = tree.cut(kept_nodes(tree.scores, state.costs))
+            tree = tree.cut(kept_nodes(tree.scores, state.costs, calibration=state.calibration.value))
         state.remember_trees(tree, self.ddtree_runner.input_batch.req_ids[:num_reqs])
         # -1 marks the slots a request does not verify (unused, or not worth their rows): the runner
         # hands the scheduler each row up to its first -1.

@@ -33,7 +33,7 @@ from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.adapter.support import refusal
-from vllm_ddtree.budget import StepCosts
+from vllm_ddtree.budget import AcceptanceCalibration, StepCosts
 from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_tokens, paged_kv_views, plan_commit
 from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
@@ -64,6 +64,8 @@ class DDTreeState:
     def __init__(self, budget: int, depth: int, policy: str = "fixed"):
         self.budget, self.depth, self.policy = budget, depth, policy
         self.costs: StepCosts | None = None  # the cost-aware policy's tables (engine start)
+        self.costs_host: StepCosts | None = None  # the same on the host, for host-side decisions
+        self.calibration: AcceptanceCalibration | None = None
         self.full_draft_last_step = False
         self.skip_drafting = 0  # steps left that keep the drafter's context without drafting
         self.probe_interval = PROBE_INTERVAL
@@ -153,6 +155,8 @@ def _hook_instance(runner, state: DDTreeState) -> None:
             from vllm_ddtree.adapter.step_costs import step_costs
 
             state.costs = step_costs(runner, state, init_logger("vllm.ddtree"))
+            state.costs_host = state.costs.to("cpu")
+            state.calibration = AcceptanceCalibration(runner.device)
 
     def _get_draft_token_ids_cpu(*args, **kwargs):
         # Nodes a request does not verify are -1 at the end of its row; the scheduler gets the rest.
@@ -216,7 +220,7 @@ def prepare_tree_step(runner, state: DDTreeState, spec_decode_metadata) -> None:
         # Whether the last full drafter pass kept a node for any request: the schedule, a host list
         # every rank gets alike, says so (no device value is read).
         if nothing_drafted:
-            state.skip_drafting = state.probe_interval - 1
+            state.skip_drafting = max(state.probe_interval, _affordable_probe_interval(state, runner)) - 1
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
         else:
             state.probe_interval = PROBE_INTERVAL
@@ -240,6 +244,15 @@ def prepare_tree_step(runner, state: DDTreeState, spec_decode_metadata) -> None:
     state.step = StepTrees(tree, num_draft, root_rows, positions[root_rows], attention)
     write_tree_positions(positions, state.step, tree.depths)
     state.pending_attention = attention
+
+
+def _affordable_probe_interval(state: DDTreeState, runner, share: float = 0.02) -> int:
+    """Steps between probes so that probing (a full drafter pass) costs at most ``share`` of plain
+    decoding at this batch size: at large batches a drafter pass costs many plain steps. Host tables."""
+    costs = state.costs_host
+    requests = min(runner.input_batch.num_reqs, costs.draft.shape[0] - 1)
+    plain = float(costs.step[min(requests, costs.step.shape[0] - 1)])
+    return int(min(1024, float(costs.draft[requests]) / max(plain, 1e-9) / share))
 
 
 def _batch_trees(drafted, req_ids, num_draft: torch.Tensor, budget: int, depth: int) -> DraftTree:
@@ -286,6 +299,8 @@ class TreeVerifier(torch.nn.Module):
         sampling = _tree_sampling(sampling_metadata, num_draft.shape[0], dev)
         verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first)
         step.accepted_nodes = verdict.accepted_nodes
+        if self.state.calibration is not None:
+            self.state.calibration.update(step.tree.scores, verdict.num_accepted)
         self._commit_kv(step, verdict.accepted_nodes)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
