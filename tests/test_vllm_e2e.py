@@ -265,9 +265,10 @@ def test_requests_near_max_model_len_get_smaller_trees(models, lengths):
         def checked(*args, **kwargs):
             out = prepare(*args, **kwargs)
             if out[1] is not None:
-                tree, drafts, ends = runner._ddtree.step.tree, out[1].draft_token_ids.tolist(), out[1].cu_num_draft_tokens
+                # No step trees: no request has a draft this step (vLLM's attention and sampler serve it).
+                step, drafts, ends = runner._ddtree.step, out[1].draft_token_ids.tolist(), out[1].cu_num_draft_tokens
                 for r, (start, end) in enumerate(zip([0] + ends.tolist()[:-1], ends.tolist())):
-                    nodes = tree.token_ids[r, : int(tree.num_nodes[r])].tolist()
+                    nodes = [] if step is None else step.tree.token_ids[r, : int(step.tree.num_nodes[r])].tolist()
                     verified.append(nodes == drafts[start: start + len(nodes)])
                     not_drafted.append(not nodes and drafts[start:end] == [0] * (end - start))
             return out

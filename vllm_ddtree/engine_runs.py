@@ -80,6 +80,9 @@ def open_engine(model: str, speculative_config: dict | None = None, **engine):
     try:
         yield handle
     finally:
+        # Shut the engine down now, even when an exception's traceback still holds it: its late
+        # finalizer would otherwise tear down the parallel groups of whichever engine runs next.
+        handle.llm.llm_engine.engine_core.shutdown()
         handle.llm = None
         gc.collect()
 

@@ -39,21 +39,27 @@ def step_costs(runner, state, log) -> StepCosts:
     max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.budget + 1))
     max_requests = scheduler.max_num_seqs
     user = spec.__dict__.get("ddtree_step_costs")
+    key = _cache_key(runner, state, max_rows)
+    path = os.path.join(CACHE_DIR, key + ".json")
+    # Timing runs the model, so with tensor parallelism every rank times or none does: rank 0's cache
+    # decides (another rank's disk may differ, or see rank 0's file appear midway).
+    cached = _rank0_decides(user is None and os.path.isfile(path))
     if user is not None:
         samples, source = read_table(user), "from ddtree_step_costs"
+    elif cached and os.path.isfile(path):
+        with open(path) as f:
+            samples, source = read_table(json.load(f)), f"cached in {path}"
+    elif cached:  # rank 0 holds a table this rank does not: rank 0's tables are broadcast below
+        samples, source = ({1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}), "from rank 0"
     else:
-        key = _cache_key(runner, state, max_rows)
-        path = os.path.join(CACHE_DIR, key + ".json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                samples, source = read_table(json.load(f)), f"cached in {path}"
-        else:
-            start = time.perf_counter()
-            samples = measure(runner, state, max_rows, max_requests)
-            source = f"measured in {time.perf_counter() - start:.1f} s"
+        start = time.perf_counter()
+        samples = measure(runner, state, max_rows, max_requests)
+        source = f"measured in {time.perf_counter() - start:.1f} s"
+        if _tp_rank() == 0:
             os.makedirs(CACHE_DIR, exist_ok=True)
-            with open(path, "w") as f:
+            with open(path + ".tmp", "w") as f:
                 json.dump({"step": samples[0], "draft": samples[1], "key": _key_fields(runner, state, max_rows)}, f)
+            os.replace(path + ".tmp", path)
     costs = _same_on_every_rank(StepCosts.from_samples(*samples, max_rows, max_requests, runner.device))
     s, d = costs.step, costs.draft
     log.info("ddtree: cost-aware budget, step costs %s: target step %.2f ms at 1 row, %.2f ms at %d rows; "
@@ -153,7 +159,8 @@ def _median_seconds(fn, size: int, device) -> float:
     start = time.perf_counter()
     fn(size)  # warm-up (compilation, allocator)
     sync()
-    repeats = 3 if time.perf_counter() - start < 0.25 else 1  # long passes vary little: spare the start
+    # Long passes vary little: spare the start. Every rank runs as many passes as rank 0 (collectives).
+    repeats = 3 if _rank0_decides(time.perf_counter() - start < 0.25) else 1
     samples = []
     for _ in range(repeats):
         sync()
@@ -162,6 +169,20 @@ def _median_seconds(fn, size: int, device) -> float:
         sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def _tp_rank() -> int:
+    from vllm.distributed import get_tp_group
+
+    return get_tp_group().rank_in_group
+
+
+def _rank0_decides(flag: bool) -> bool:
+    """Tensor-parallel rank 0's ``flag`` on every rank (the flag itself on one rank)."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    return flag if group.world_size == 1 else bool(group.broadcast_object(flag, src=0))
 
 
 def _same_on_every_rank(costs: StepCosts) -> StepCosts:
