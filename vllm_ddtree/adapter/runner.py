@@ -14,7 +14,10 @@ hooked per instance:
   metadata, where the attention hooks read it through vLLM's forward context, as vLLM's own
   backends read theirs; a step without trees carries none, so nothing leaks between steps or engines;
 * ``initialize_kv_cache``: the target's attention layers are hooked and checked, and their caches
-  noted for the commit. What the tree path cannot serve is refused here, at engine start.
+  noted for the commit. What the tree path cannot serve is refused here, at engine start. A
+  cost-aware engine also gets its step costs here (:mod:`~vllm_ddtree.adapter.step_costs`);
+* ``_get_draft_token_ids_cpu``: vLLM's own host conversion of the drafts hands the scheduler each
+  request's nodes up to its first -1 (the nodes the budget did not keep).
 
 :class:`DDTreeState` is the runner's own ddtree state: the trees the last step drafted (consumed by
 the next step, so a step whose drafter did not run leaves none behind), the step in flight, and the
@@ -39,6 +42,7 @@ from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
 from vllm_ddtree.verify import TreeSampling, verify_tree
 
+
 @dataclass
 class StepTrees:
     """The trees verified in this step, one per request of the batch (empty for non-tree requests)."""
@@ -54,7 +58,8 @@ class StepTrees:
 # A cost-aware engine whose last full drafter pass kept no node for the whole batch runs the drafter
 # without drafting (its context K/V only) until it probes again with a full pass, to see whether
 # trees pay now (the batch and its contexts change): after 8 steps, and twice as long after each probe
-# that again keeps nothing, up to 64; a probe that keeps a node starts over at 8.
+# that again keeps nothing, up to 64, and never more often than _affordable_probe_interval allows; a
+# probe that keeps a node starts over at 8.
 PROBE_INTERVAL, MAX_PROBE_INTERVAL = 8, 64
 
 
