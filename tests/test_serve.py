@@ -79,3 +79,31 @@ def test_server_under_a_bounded_concurrent_load(models):
     outcomes = {o: report.count(o) for o in ("answered", "refused", "disconnected", "aborted")}
     assert min(outcomes.values()) >= 1 and sum(outcomes.values()) == 48, outcomes
     assert report.compared >= 10 and report.polls >= 2
+
+
+def test_data_parallel_server_greedy_equals_no_speculation(models):
+    # `--data-parallel-size 2` with a dense target: vLLM runs two independent engines behind one server
+    # (one core each); greedy answers of a ddtree server equal those of the same server without
+    # speculation, and both engines verified trees.
+    from concurrent.futures import ThreadPoolExecutor
+
+    target, drafter = models
+    prompts = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a", "beta beta gamma the",
+               "of of", "token", "commit the draft of a tree"]
+    env = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    answers, accepted = {}, {}
+    for name, spec in (("plain", None), ("ddtree", {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16,
+                                                      "ddtree_budget": "fixed"})):
+        with openai_server(target, spec, [*SERVER_ARGS, "--data-parallel-size", "2"], env) as server:
+            def complete(prompt):
+                return json.loads(_request(server.url + "/v1/completions", {
+                    "model": target, "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}))
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                answers[name] = [c["choices"][0]["text"] for c in pool.map(complete, prompts)]
+            accepted[name] = {line.split('engine="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                              for line in _request(server.url + "/metrics").splitlines()
+                              if line.startswith("vllm:spec_decode_num_accepted_tokens_total")}
+    assert answers["ddtree"] == answers["plain"]
+    assert accepted["plain"] == {} and sorted(accepted["ddtree"]) == ["0", "1"]
+    assert min(accepted["ddtree"].values()) > 0

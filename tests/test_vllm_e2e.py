@@ -324,21 +324,26 @@ if __name__ == "__main__":
 """
 
 
-def test_tensor_parallel_greedy_equals_no_speculation(models, reference, tmp_path):
-    # Two CPU workers, one core each (the CPU build binds one NUMA node per worker by default).
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tensor_parallel_greedy_equals_no_speculation(models, reference, moe_target, moe, tmp_path):
+    # Two CPU workers, one core each (the CPU build binds one NUMA node per worker by default), with
+    # the default (cost-aware) budget timed at start on both ranks; a MoE target's experts are
+    # sharded by tensor parallelism. Compared with one unsharded engine without speculation.
     import json
     import subprocess
     import sys
 
+    target = moe_target if moe else models[0]
+    expected = generate((target, models[1]))[0] if moe else reference
     script = tmp_path / "tp.py"
     script.write_text(TP_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    run = subprocess.run([sys.executable, str(script), *models, json.dumps(PROMPTS)], capture_output=True,
+    env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1")
+    run = subprocess.run([sys.executable, str(script), target, models[1], json.dumps(PROMPTS)], capture_output=True,
                          text=True, timeout=600, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
     assert lines, run.stderr[-3000:]
-    assert json.loads(lines[0][len("TOKENS"):]) == reference
+    assert json.loads(lines[0][len("TOKENS"):]) == expected
 
 
 @pytest.mark.parametrize("params,message", [
@@ -449,8 +454,10 @@ def test_engine_settings_check_turns_async_scheduling_off_and_refuses_dbo():
     log = SimpleNamespace(info=lambda message, *args: lines.append(message % args))
 
     def config(async_scheduling=None, enable_dbo=False):
+        parallel = SimpleNamespace(enable_dbo=enable_dbo, pipeline_parallel_size=1, data_parallel_size=1,
+                                   enable_expert_parallel=False)
         return SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
-                               parallel_config=SimpleNamespace(enable_dbo=enable_dbo),
+                               parallel_config=parallel, model_config=SimpleNamespace(is_moe=False),
                                cache_config=SimpleNamespace(cache_dtype="auto"))
 
     unset = config()
@@ -460,8 +467,53 @@ def test_engine_settings_check_turns_async_scheduling_off_and_refuses_dbo():
     explicit_off = config(async_scheduling=False)
     check_engine_settings(explicit_off, log)
     assert explicit_off.scheduler_config.async_scheduling is False and len(lines) == 1
-    with pytest.raises(ValueError, match="does not support dual-batch overlap"):
+    with pytest.raises(ValueError, match="does not support micro-batching .*remove enable_dbo"):
         check_engine_settings(config(enable_dbo=True), log)
+
+
+@pytest.fixture(scope="module")
+def moe_target(tmp_path_factory):
+    return str(write_target(str(tmp_path_factory.mktemp("moe") / "target"), experts=4))
+
+
+USE_TP = "use tensor_parallel_size within a node and independent replicas across nodes"
+
+
+@pytest.mark.parametrize("moe,engine,message", [
+    (False, {"pipeline_parallel_size": 2},
+     f"does not support pipeline parallelism .*set pipeline_parallel_size to 1 and {USE_TP}"),
+    (False, {"tensor_parallel_size": 4, "decode_context_parallel_size": 2},
+     f"does not support decode context parallelism .*set decode_context_parallel_size to 1 and {USE_TP}"),
+    (False, {"prefill_context_parallel_size": 2},
+     f"does not support prefill context parallelism .*set prefill_context_parallel_size to 1 and {USE_TP}"),
+    (False, {"ubatch_size": 2}, "does not support micro-batching .*remove enable_dbo and ubatch_size"),
+    (True, {"tensor_parallel_size": 2, "enable_expert_parallel": True},
+     "does not support expert parallelism .*remove enable_expert_parallel: MoE targets run sharded by tensor"),
+    (True, {"data_parallel_size": 2},
+     "does not support data parallelism with a MoE target .*use tensor_parallel_size with"),
+])
+def test_parallel_settings_ddtree_cannot_run_under_are_refused_before_start(models, moe_target, moe, engine,
+                                                                            message):
+    # Through vLLM's own engine-config construction (nothing starts). The same settings without
+    # speculation build a config, so the refusal is ddtree's; two exceptions here, which vLLM's
+    # config refuses itself on this machine: prefill context parallelism (the V1 runner, the only one
+    # on CPU, lacks it) and micro-batching (it needs a DeepEP or NIXL all-to-all backend).
+    from vllm.engine.arg_utils import EngineArgs
+
+    target = moe_target if moe else models[0]
+    spec = {"model": models[1], "method": "ddtree", "num_speculative_tokens": 8}
+    with pytest.raises(Exception, match=message):
+        EngineArgs(model=target, dtype="float32", max_model_len=512, speculative_config=spec,
+                   **engine).create_engine_config()
+    if not {"prefill_context_parallel_size", "ubatch_size"} & set(engine):
+        EngineArgs(model=target, dtype="float32", max_model_len=512, **engine).create_engine_config()
+
+
+def test_moe_target_greedy_equals_no_speculation(models, moe_target):
+    plain, _ = generate((moe_target, models[1]))
+    tree, counters = generate((moe_target, models[1]), spec={"method": "ddtree", "num_speculative_tokens": 16})
+    assert tree == plain
+    assert counters["vllm:spec_decode_num_accepted_tokens"] > 0
 
 
 def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):

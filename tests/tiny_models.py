@@ -18,6 +18,7 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
 TARGET_LAYERS = 4
 BLOCK_SIZE = 8  # drafter block: D = 7 draft positions
 TARGET_LAYER_IDS = [0, 2]
+MOE_INTERMEDIATE = 64
 LIKELY = 12  # tokens 2..LIKELY-1 carry the target's mass (0 is eos, 1 the drafter's mask)
 
 
@@ -81,8 +82,24 @@ def _layer_weights(prefix: str, gen) -> dict[str, torch.Tensor]:
     }
 
 
-def write_target(folder: str, seed: int = 0, head_scale: float = 1.5) -> str:
-    """``head_scale`` sets how peaked the target is: 1.5 is near-deterministic, 0.15 samples widely."""
+def _moe_layer_weights(prefix: str, gen, experts: int) -> dict[str, torch.Tensor]:
+    """Qwen3-MoE's MLP in place of the dense one: a router and ``experts`` small experts."""
+    dense = _layer_weights(prefix, gen)
+    weights = {k: v for k, v in dense.items() if ".mlp." not in k}
+    weights[f"{prefix}mlp.gate.weight"] = torch.randn(experts, HIDDEN, generator=gen) * 0.5
+    for e in range(experts):
+        for name, shape in (("gate_proj", (MOE_INTERMEDIATE, HIDDEN)), ("up_proj", (MOE_INTERMEDIATE, HIDDEN)),
+                            ("down_proj", (HIDDEN, MOE_INTERMEDIATE))):
+            w = torch.randn(*shape, generator=gen) * 0.08
+            if name == "down_proj":
+                w[0] = 0.0  # the constant channel stays untouched, as in the dense layers
+            weights[f"{prefix}mlp.experts.{e}.{name}.weight"] = w
+    return weights
+
+
+def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: int = 0) -> str:
+    """``head_scale`` sets how peaked the target is: 1.5 is near-deterministic, 0.15 samples widely.
+    ``experts`` > 0 writes a Qwen3-MoE target (that many experts, two per token) instead."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -101,10 +118,16 @@ def write_target(folder: str, seed: int = 0, head_scale: float = 1.5) -> str:
                "model.norm.weight": torch.ones(HIDDEN),
                "lm_head.weight": lm_head}
     for i in range(TARGET_LAYERS):
-        weights.update(_layer_weights(f"model.layers.{i}.", gen))
+        prefix = f"model.layers.{i}."
+        weights.update(_moe_layer_weights(prefix, gen, experts) if experts else _layer_weights(prefix, gen))
     save_file(weights, os.path.join(folder, "model.safetensors"))
+    config = _qwen3_config(TARGET_LAYERS)
+    if experts:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=experts,
+                      num_experts_per_tok=2, moe_intermediate_size=MOE_INTERMEDIATE, decoder_sparse_step=1,
+                      mlp_only_layers=[], norm_topk_prob=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(_qwen3_config(TARGET_LAYERS), f)
+        json.dump(config, f)
     write_tokenizer(folder)
     return folder
 

@@ -61,8 +61,6 @@ def unsupported_layer_features(impl) -> list[str]:
         found.append("sliding-window attention")
     if str(getattr(impl, "kv_cache_dtype", "auto")) not in UNQUANTIZED_KV:
         found.append(f"KV cache dtype {impl.kv_cache_dtype!r}")
-    if getattr(impl, "dcp_world_size", 1) > 1:
-        found.append("decode context parallelism")
     return found
 
 
@@ -77,7 +75,35 @@ def check_engine_settings(vllm_config, log) -> None:
     if scheduler.async_scheduling is None:
         log.info("ddtree: async scheduling off (the tree verifier and KV commit are synchronous with the step)")
         scheduler.async_scheduling = False
-    if vllm_config.parallel_config.enable_dbo:
-        raise refusal("dual-batch overlap (enable_dbo: each micro-batch would need its own tree metadata)",
-                      "remove enable_dbo")
+    check_parallel_settings(vllm_config.parallel_config, getattr(vllm_config.model_config, "is_moe", False))
     check_kv_cache_dtype(vllm_config.cache_config.cache_dtype)
+
+
+def check_parallel_settings(parallel, moe_target: bool) -> None:
+    """The parallel layouts ddtree serves: tensor parallelism (dense and MoE targets), and data
+    parallelism for dense targets (vLLM runs those ranks as independent engines). The others are
+    refused before the engine starts."""
+    use_tp = "use tensor_parallel_size within a node and independent replicas across nodes"
+    if parallel.pipeline_parallel_size > 1:
+        raise refusal(f"pipeline parallelism (pipeline_parallel_size {parallel.pipeline_parallel_size}: every "
+                      "stage holds its own layers' KV, and the tree's KV commit runs with the verifier, in the "
+                      "last stage)", f"set pipeline_parallel_size to 1 and {use_tp}")
+    for name, what in (("decode_context_parallel_size", "decode"), ("prefill_context_parallel_size", "prefill")):
+        size = getattr(parallel, name, 1)
+        if size > 1:
+            raise refusal(f"{what} context parallelism ({name} {size}: ranks split a request's tokens or KV "
+                          "cache, while the tree kernel and the KV commit work on a request's whole KV cache on one "
+                          "rank)", f"set {name} to 1 and {use_tp}")
+    if parallel.enable_dbo or getattr(parallel, "ubatch_size", 0) > 1:
+        raise refusal("micro-batching (enable_dbo / ubatch_size: each micro-batch would need its own tree "
+                      "metadata)", "remove enable_dbo and ubatch_size")
+    if parallel.enable_expert_parallel:
+        raise refusal("expert parallelism (enable_expert_parallel: not tested with ddtree yet; vLLM's CPU build "
+                      "cannot run it)", "remove enable_expert_parallel: MoE targets run sharded by tensor "
+                      "parallelism (tested)")
+    if parallel.data_parallel_size > 1 and moe_target:
+        raise refusal(f"data parallelism with a MoE target (data_parallel_size {parallel.data_parallel_size}: "
+                      "vLLM runs such ranks in lockstep, and each rank's tree steps, drafter passes and probes "
+                      "follow its own requests)",
+                      "use tensor_parallel_size with enable_expert_parallel within a node, and independent "
+                      "replicas across nodes")
