@@ -10,6 +10,11 @@ median of ``--repeats`` passes), tau (tokens per verify step), and the ratio to 
 same run. Greedy decoding, ``--max-tokens`` 256, chat-formatted prompts (HumanEval as "Complete this
 Python function:" + the signature and docstring; MT-Bench first turns).
 
+Prefix caching is off in every row: the concurrency levels reuse the set's first prompts, and vLLM
+drops the last matched block of a cached prefix in engines whose drafter reads the target's hidden
+states (dflash, ddtree: ``use_eagle_block_drop``), so with caching on a repeated prompt costs the
+speculative rows a block of prefill that plain decoding skips, an artifact of the repetition.
+
 On a CPU run it the way vLLM's CPU guide says (Intel OpenMP preloaded, see the README):
 ``LD_PRELOAD="$(bash scripts/cpu_preload.sh)" .venv/bin/python benchmarks/bench_throughput.py``.
 Absolute tokens per second count only from a GPU; the ratios are this machine's.
@@ -94,7 +99,7 @@ def main():
             continue
         with open_engine(smollm2_folder(), spec and {"model": args.drafter, **spec}, dtype=args.dtype,
                          max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5, seed=0,
-                         max_num_seqs=max(args.concurrency)) as engine:
+                         max_num_seqs=max(args.concurrency), enable_prefix_caching=False) as engine:
             engine.generate([[{"role": "user", "content": "Say hello."}]], SamplingParams(temperature=0, max_tokens=32),
                             chat=True)
             for name in args.sets:

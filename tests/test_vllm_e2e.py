@@ -112,6 +112,23 @@ def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
     assert len(passes) >= 39 and full[:4] == [0, 8, 24, 56][: len(full)] and len(full) <= 3
 
 
+def test_cost_aware_engine_decoding_plainly_samples_as_an_engine_without_speculation(flat):
+    # Where no tree pays, a step's one logits row per request is sampled by vLLM's own sampler, as
+    # without speculation: seeded sampled requests give the same tokens and logprobs token for token.
+    prompts = PROMPTS[:6]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s, logprobs=2)
+              for s in range(len(prompts))]
+    plain = run(flat, prompts, params)
+    skipping = run(flat, prompts, params, spec={"method": "ddtree", "num_speculative_tokens": 16,
+                                                "ddtree_budget": "cost-aware", "ddtree_step_costs": DEAR_ROWS})
+    assert not skipping.metrics.get("vllm:spec_decode_num_drafts")
+    assert skipping.tokens == plain.tokens
+    for a, b in zip(plain.outputs, skipping.outputs):
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert {t: (p.logprob, p.rank) for t, p in step_a.items()} == \
+                {t: (p.logprob, p.rank) for t, p in step_b.items()}
+
+
 @pytest.mark.parametrize("budget", [4, 64])
 def test_cost_aware_budget_measured_here_is_lossless(models, reference, budget):
     # The default policy, with step costs timed on this machine at engine start.

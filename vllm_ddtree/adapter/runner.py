@@ -292,7 +292,11 @@ class TreeVerifier(torch.nn.Module):
         from vllm.v1.outputs import SamplerOutput
 
         step = self.state.step
-        if step is None:  # vLLM's profiling and warm-up runs, or a step where no request has a draft
+        if step is None and metadata.max_spec_len == 0:
+            # No request has a draft (a cost-aware engine decoding plainly): one logits row per request,
+            # sampled as an engine without speculation samples it, without the rejection machinery.
+            return self.chain_sampler.sampler(logits, sampling_metadata, predict_bonus_token=True)
+        if step is None:  # vLLM's profiling and warm-up runs (dummy drafts, no trees)
             output = self.chain_sampler(metadata, draft_probs, logits, sampling_metadata, *args, **kwargs)
             if logits.is_cuda and not self.state.reserved:  # the first such call is vLLM's memory profile
                 self.state.reserved = True
