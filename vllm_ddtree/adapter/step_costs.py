@@ -57,9 +57,10 @@ def step_costs(runner, state, log) -> StepCosts:
         source = f"measured in {time.perf_counter() - start:.1f} s"
         if _tp_rank() == 0:
             os.makedirs(CACHE_DIR, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
+            partial = f"{path}.{os.getpid()}.tmp"  # engines side by side (data parallelism) share the path
+            with open(partial, "w") as f:
                 json.dump({"step": samples[0], "draft": samples[1], "key": _key_fields(runner, state, max_rows)}, f)
-            os.replace(path + ".tmp", path)
+            os.replace(partial, path)
     costs = _same_on_every_rank(StepCosts.from_samples(*samples, max_rows, max_requests, runner.device))
     s, d = costs.step, costs.draft
     log.info("ddtree: cost-aware budget, step costs %s: target step %.2f ms at 1 row, %.2f ms at %d rows; "
