@@ -49,7 +49,7 @@ def make_case(batch, context, rows, device, dtype, gen):
         tree_bits=tree.ancestor_bits,
         tree_rows=torch.full((batch,), rows, dtype=torch.int32),
     )
-    meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values()])
+    meta = TreeAttentionMetadata(*[t.to(device) for t in vars(meta).values() if t is not None])
     keys = torch.randn(num_blocks, PAGE, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype)
     values = torch.randn(num_blocks, PAGE, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype)
     query = torch.randn(batch * rows, Q_HEADS, HEAD_DIM, generator=gen).to(device, dtype)
@@ -70,8 +70,9 @@ def main():
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 33, 65, 129])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--configs", nargs="+", default=["64/-/-/-"],
-                        help="launch settings block_n/block_q/num_warps/num_stages to time (first: the ratios)")
+    parser.add_argument("--configs", nargs="+", default=["64/-/-/-/-", "64/-/-/-/1"],
+                        help="launch settings block_n/block_q/num_warps/num_stages/num_splits to time (first: the "
+                             "ratios; '-' = the launcher's default, for num_splits its split-K chooser)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the interpreter")
     args = parser.parse_args()
     if args.smoke:
@@ -86,7 +87,7 @@ def main():
     print_header()
     print(f"head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, {dtype}, KV block {PAGE}; median of {args.repeats}\n")
     def settings(config):
-        names = ("block_n", "block_q", "num_warps", "num_stages")
+        names = ("block_n", "block_q", "num_warps", "num_stages", "num_splits")
         return {k: int(v) for k, v in zip(names, config.split("/")) if v != "-"}
 
     configs = [settings(c) for c in args.configs]

@@ -4,9 +4,11 @@ Launcher, metadata and torch reference: :mod:`vllm_ddtree.tree_attention`.
 
 One launch serves a mixed batch. Every query row sees its request's committed context; a row of a
 tree request then sees the tree keys whose bit is set in its packed ancestor row, any other row sees
-the keys up to its own position (causal). Grid: (query tiles of all requests, KV heads); a tile holds
-BLOCK_Q query rows of one request times the G query heads that share the KV head, so K and V are
-read once per tile for the whole group.
+the keys up to its own position (causal). Grid: (query tiles of all requests, KV heads[, key splits]);
+a tile holds BLOCK_Q query rows of one request times the G query heads that share the KV head, so K
+and V are read once per tile for the whole group. With NUM_SPLITS > 1 (split-K, flash-decoding style:
+small batches leave most SMs idle otherwise) each program takes one range of the keys and stores a
+normalized partial output and its log-sum-exp; the launcher merges the splits.
 """
 
 import triton
@@ -51,6 +53,10 @@ def tree_attention_kernel(
     PAGE: tl.constexpr,            # KV block size
     BLOCK_N: tl.constexpr,         # keys per iteration: a multiple of PAGE or a divisor of it
     COMPUTE_DTYPE: tl.constexpr,   # input dtype on GPU; float32 under the interpreter (its bf16 is wrong)
+    partial_ptr=None,              # split-K: [NUM_SPLITS, T, Hq, HEAD_DIM] float32 normalized partial outputs
+    lse_ptr=None,                  # split-K: [NUM_SPLITS, T, Hq] float32 log-sum-exp of each split's scores
+    split_stride=0,                # split-K: T * Hq, one split's (row, head) pairs
+    NUM_SPLITS: tl.constexpr = 1,  # > 1: program_id(2) takes one of NUM_SPLITS equal ranges of the keys
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -85,11 +91,19 @@ def tree_attention_kernel(
     else:
         key_end = context + last_row + 1
 
+    key_lo = 0
+    if NUM_SPLITS > 1:
+        # Split s takes whole key tiles [s * per, (s + 1) * per) of this tile's keys; a split past the
+        # last key stores an empty result (lse = -inf), which the merge weighs 0.
+        per = tl.cdiv(tl.cdiv(key_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        key_lo = tl.program_id(2) * per
+        key_end = tl.minimum(key_lo + per, key_end)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for start in range(0, key_end, BLOCK_N):
+    for start in range(key_lo, key_end, BLOCK_N):
         key = start + n
         key_ok = key < key_end
         # Each key's own page: an iteration may span several KV blocks, which need not be adjacent.
@@ -123,5 +137,11 @@ def tree_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + (q_start + row)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:
+        flat = tl.program_id(2) * split_stride + (q_start + row) * (tl.num_programs(1) * GROUP) + head
+        tl.store(partial_ptr + flat[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(lse_ptr + flat, lse, mask=row_ok)
+    else:
+        tl.store(out_ptr + (q_start + row)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -17,5 +17,5 @@ python3 -m pytest -q -rs -p no:cacheprovider tests/test_tree.py tests/test_verif
     --deselect tests/test_kv_commit.py::test_cpu_layout_is_what_vllm_cpu_writes 2>&1 | tee "$OUT/tests.log"
 
 python3 benchmarks/bench_round.py 2>&1 | tee "$OUT/bench_round.log"
-python3 benchmarks/bench_tree_attention.py --configs 64/-/-/- 16/-/-/- 32/-/-/- 128/-/-/- --context 1024 4096 16384 2>&1 \
+python3 benchmarks/bench_tree_attention.py --configs 64/-/-/-/- 64/-/-/-/1 32/-/-/-/- 128/-/-/-/- --context 1024 4096 16384 2>&1 \
     | tee "$OUT/bench_tree_attention.log"

@@ -52,10 +52,12 @@ class TreeAttentionMetadata:
 def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
                    block_q: int | None = None, block_n: int = 64, num_warps: int | None = None,
-                   num_stages: int | None = None) -> torch.Tensor:
+                   num_stages: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Launches the Triton kernel: see the module docstring. ``block_n`` keys per inner iteration
     (a power of two >= 16; it may span several KV blocks); ``num_warps``/``num_stages`` default to
-    Triton's."""
+    Triton's. ``num_splits`` > 1 splits each tile's keys over that many programs and merges their
+    partial outputs by log-sum-exp (split-K); by default :func:`choose_num_splits` picks it from the
+    batch's shape (host values only, so the launch stays capturable)."""
     import triton
     import triton.language as tl
 
@@ -83,8 +85,17 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     compute = tl.float32 if interpreted or query.dtype == torch.float32 else (
         tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16)
-    grid = (T // block_q + R, kv_heads)
-    tree_attention_kernel[grid](
+    tiles = T // block_q + R
+    if num_splits is None:
+        num_splits = choose_num_splits(tiles * kv_heads, meta.block_table.shape[1] * page, query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits {num_splits} must be >= 1")
+    split = {}
+    if num_splits > 1:
+        partial = torch.empty(num_splits, T, num_heads, head_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(num_splits, T, num_heads, dtype=torch.float32, device=query.device)
+        split = dict(partial_ptr=partial, lse_ptr=lse, split_stride=T * num_heads, NUM_SPLITS=num_splits)
+    tree_attention_kernel[(tiles, kv_heads, num_splits)](
         out, query, key_cache, value_cache,
         meta.query_start_loc, meta.seq_lens, meta.block_table, meta.tree_bits, meta.tree_rows,
         scale, R,
@@ -94,9 +105,32 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         TREE_ROWS=meta.tree_bits.shape[1], WORDS=meta.tree_bits.shape[2],
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_M=block_m, PAGE=page, BLOCK_N=block_n, COMPUTE_DTYPE=compute,
-        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
+        **split, **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
+    if num_splits > 1:
+        merge_splits(partial, lse, out)
     return out
+
+
+def choose_num_splits(programs: int, max_keys: int, device) -> int:
+    """Key splits for a launch of ``programs`` (tile, KV head) programs whose requests hold at most
+    ``max_keys`` keys (the block table's width: a shape, so no device value is read): on a GPU, enough
+    that the grid covers about two waves of its SMs, at most 16 and at least 256 keys a split; 1
+    elsewhere (under the interpreter the tests choose). Not yet tuned on a GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, max_keys // 256, -(-2 * sms // programs)))
+
+
+def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[t, h] = sum_s w[s] partial[s, t, h]`` with ``w = softmax_s(lse[s, t, h])``: the split
+    outputs weighed by their share of the row's softmax mass (a row no split saw stays 0)."""
+    top = lse.max(0).values
+    weight = torch.exp(lse - torch.where(torch.isinf(top), 0.0, top))  # [S, T, Hq]; empty splits weigh 0
+    total = weight.sum(0)
+    merged = (weight.unsqueeze(-1) * partial).sum(0) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+    out.copy_(merged.to(out.dtype))
 
 
 def visibility_mask(meta: TreeAttentionMetadata, r: int) -> torch.Tensor:
