@@ -107,10 +107,12 @@ def kept_nodes(scores: torch.Tensor, costs: StepCosts, base_rows: torch.Tensor |
     flat = scores.double().flatten()
     order = torch.argsort(flat, descending=True, stable=True)  # delta = exp(score): the same order
     d, valid = flat[order].exp() * calibration, flat[order] > float("-inf")
-    n0 = torch.as_tensor(R if base_rows is None else base_rows, device=dev, dtype=torch.int64)
+    # Host numbers become device values by a fill, not an upload: nothing here waits on a copy.
+    n0 = base_rows.to(torch.int64) if isinstance(base_rows, torch.Tensor) else torch.full(
+        (), R if base_rows is None else base_rows, dtype=torch.int64, device=dev)
     N = costs.step.shape[0] - 1
     rows = n0 + torch.arange(R * B, device=dev)  # the step's rows before node k is added
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    inf = torch.full((), float("inf"), dtype=torch.float64, device=dev)
     here = torch.where(rows <= N, costs.step[rows.clamp(max=N)], inf)
     there = torch.where(rows + 1 <= N, costs.step[(rows + 1).clamp(max=N)], inf)
     draft = costs.draft[min(R, costs.draft.shape[0] - 1)]

@@ -1,0 +1,88 @@
+"""The round's device functions read nothing back to the host (issue 14): on a GPU each such read
+stalls the stream, and none can run inside a CUDA graph. Checked on CPU by instrumenting the ways a
+value reaches the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, a tensor's truth or
+int/float value) and the pageable uploads of host data (``torch.tensor`` / ``torch.as_tensor`` of
+Python values; vLLM's pinned, non-blocking ``async_tensor_h2d`` is the allowed way down), while a
+whole round runs: tree build, the cost-aware cut, its calibration, verification (greedy and
+sampled), the tree positions, and the commit plans of the KV cache and the drafter's rows.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from vllm_ddtree.adapter.runner import StepTrees, write_tree_positions
+from vllm_ddtree.budget import AcceptanceCalibration, StepCosts, kept_nodes
+from vllm_ddtree.kv_commit import commit_accepted_rows, plan_commit
+from vllm_ddtree.tree import build_tree
+from vllm_ddtree.verify import TreeSampling, verify_tree
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise HostSync(f"{name} reads a device value on the host")
+        return refused
+
+    def upload(original, name):
+        def guarded(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor) and not kwargs.get("pin_memory", False):
+                raise HostSync(f"{name}({type(data).__name__}) uploads host data from pageable memory")
+            return original(data, *args, **kwargs)
+        return guarded
+
+    patches = {(torch.Tensor, name): refuse(f"Tensor.{name}") for name in
+               ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")}
+    patches[(torch, "tensor")] = upload(torch.tensor, "torch.tensor")
+    patches[(torch, "as_tensor")] = upload(torch.as_tensor, "torch.as_tensor")
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (owner, name), value in patches.items():
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
+def test_the_guard_catches_each_kind_of_host_read():
+    x = torch.ones(3)
+    for read in (lambda: x.sum().item(), lambda: x.tolist(), lambda: x.cpu(), lambda: bool(x[0]),
+                 lambda: int(x[0]), lambda: torch.tensor([1, 2]), lambda: torch.as_tensor(2.0)):
+        with no_host_sync(), pytest.raises(HostSync):
+            read()
+    assert x.sum().item() == 3.0  # restored after the block
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_round_reads_nothing_back(temperature):
+    R, D, V, B, page = 4, 7, 50, 16, 16
+    gen = torch.Generator().manual_seed(0)
+    draft_logits = torch.randn(R, D, V, generator=gen) * 3
+    costs = StepCosts.from_samples({1: 0.01, 4096: 0.02}, {1: 0.001, 256: 0.002}, 512, 8)
+    calibration = AcceptanceCalibration(torch.device("cpu"))
+    logits = torch.randn(R * (B + 1), V, generator=gen)
+    row_starts = torch.arange(R) * (B + 1)
+    root_positions = torch.tensor([5, 40, 17, 63])
+    block_table = torch.randperm(64, generator=gen)[:32].view(R, 8).to(torch.int32)
+    sampling = TreeSampling.uniform(R, temperature=temperature, top_k=20, top_p=0.9)
+    hidden = torch.randn(R * (B + 1), 8, generator=gen)
+    positions = torch.arange(R * (B + 1))
+    build_tree(draft_logits, B)  # first call per shape builds its index grid (cached, outside any step)
+
+    with no_host_sync():
+        tree = build_tree(draft_logits, B)
+        tree = tree.cut(kept_nodes(tree.scores, costs, calibration=calibration.value))
+        verdict = verify_tree(tree, logits, sampling, root_positions, row_starts=row_starts)
+        calibration.update(tree.scores, verdict.num_accepted)
+        step = StepTrees(tree, tree.num_nodes, row_starts, root_positions, attention=None)
+        write_tree_positions(positions, step, tree.depths)
+        plan_commit(block_table, page, root_positions, verdict.accepted_nodes)
+        commit_accepted_rows(hidden, row_starts, verdict.accepted_nodes)
+    assert verdict.output_tokens.shape == (R, D + 1) and bool((verdict.num_accepted <= D).all())
