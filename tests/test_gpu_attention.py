@@ -100,3 +100,26 @@ def test_an_unhooked_backend_is_refused_when_hooked():
 
     with pytest.raises(ValueError, match=f"target layer {LAYER} uses OtherBackendImpl: .*--attention-backend FLASH_ATTN"):
         _hooked(OtherBackendImpl())
+
+
+def test_warm_up_compiles_the_step_kernels_without_touching_the_cache(device, monkeypatch):
+    # What an engine on a GPU runs at start (the interpreter here): every split variant of the tree
+    # kernel and the KV commit kernel, on the layer's own cache, which stays as it was.
+    from vllm_ddtree import tree_attention as module
+    from vllm_ddtree.adapter import gpu_attention
+
+    gen = torch.Generator().manual_seed(11)
+    *_, kv_cache = make_batch(MIXED[:2], 15, 16, 2, 4, 64, torch.bfloat16, "vllm", gen, device, with_cache=True)
+    before = kv_cache.clone()
+    launches = []
+    launch = module.tree_attention
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs["num_splits"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, "tree_attention", counted)
+    gpu_attention.warm_up(SimpleNamespace(impl=_impl("FlashAttentionImpl", 8, 64), kv_cache=kv_cache), budget=15,
+                          depth=7, dtype=torch.bfloat16)
+    assert tuple(launches) == module.SPLIT_CHOICES
+    assert torch.equal(kv_cache, before)

@@ -166,9 +166,14 @@ def test_split_k_matches_reference(num_splits, group, device):
 
 
 def test_split_k_chooser_and_bad_split_count(device):
-    from vllm_ddtree.tree_attention import choose_num_splits
+    from vllm_ddtree.tree_attention import SPLIT_CHOICES, choose_num_splits
 
-    assert choose_num_splits(4, 4096, torch.device("cpu")) == 1
+    # Always a precompiled count; more splits for fewer programs; none for short caches or full grids.
+    picks = {(p, k): choose_num_splits(p, k, sms=132) for p in (1, 8, 33, 100, 264, 5000)
+             for k in (128, 1024, 4096, 32768)}
+    assert set(picks.values()) <= set(SPLIT_CHOICES)
+    assert picks[(1, 32768)] == 16 and picks[(33, 32768)] == 8 and picks[(264, 32768)] == 1
+    assert picks[(1, 128)] == 1 and picks[(5000, 4096)] == 1 and picks[(1, 1024)] == 4
     gen = torch.Generator().manual_seed(0)
     query, keys, values, meta = make_batch(MIXED[:2], 15, 16, 2, 4, 64, torch.bfloat16, "vllm", gen, device)
     with pytest.raises(ValueError, match="num_splits 0"):
@@ -188,3 +193,16 @@ def test_benchmark_script_runs_split_k_configs():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.split()[:3] == ["2", "64", "17"]]
     assert len(rows) == 1 and len(rows[0]) == 9, run.stdout
+
+
+def test_warm_up_launches_every_split_count(device):
+    # Engine start on a GPU compiles each split variant; under the interpreter it must at least run
+    # them all on the cache views of a live step's geometry (and leave the cache unchanged).
+    from vllm_ddtree.tree_attention import SPLIT_CHOICES, warm_up_tree_attention
+
+    gen = torch.Generator().manual_seed(3)
+    _, keys, values, _, cache = make_batch(MIXED[:2], 15, 16, 2, 4, 64, torch.bfloat16, "vllm", gen, device,
+                                           with_cache=True)
+    before = cache.clone()
+    assert warm_up_tree_attention(keys, values, 8, 64, 0.125, budget=15, dtype=torch.bfloat16) == SPLIT_CHOICES
+    assert torch.equal(cache, before)

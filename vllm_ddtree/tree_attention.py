@@ -86,8 +86,11 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     compute = tl.float32 if interpreted or query.dtype == torch.float32 else (
         tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16)
     tiles = T // block_q + R
-    if num_splits is None:
-        num_splits = choose_num_splits(tiles * kv_heads, meta.block_table.shape[1] * page, query.device)
+    if num_splits is None and query.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        num_splits = choose_num_splits(tiles * kv_heads, meta.block_table.shape[1] * page, sms)
+    elif num_splits is None:
+        num_splits = 1
     if num_splits < 1:
         raise ValueError(f"num_splits {num_splits} must be >= 1")
     split = {}
@@ -112,15 +115,40 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     return out
 
 
-def choose_num_splits(programs: int, max_keys: int, device) -> int:
-    """Key splits for a launch of ``programs`` (tile, KV head) programs whose requests hold at most
-    ``max_keys`` keys (the block table's width: a shape, so no device value is read): on a GPU, enough
-    that the grid covers about two waves of its SMs, at most 16 and at least 256 keys a split; 1
-    elsewhere (under the interpreter the tests choose). Not yet tuned on a GPU."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, max_keys // 256, -(-2 * sms // programs)))
+# The split counts a launch may use: each is its own compiled kernel, all compiled at engine start
+# (warm_up_tree_attention), so a live step never waits for a compile.
+SPLIT_CHOICES = (1, 2, 4, 8, 16)
+
+
+def choose_num_splits(programs: int, max_keys: int, sms: int) -> int:
+    """Key splits (one of :data:`SPLIT_CHOICES`) for a GPU launch of ``programs`` (tile, KV head)
+    programs whose requests hold at most ``max_keys`` keys (the block table's width: a shape, so no
+    device value is read): the fewest that make the grid cover about two waves of ``sms``
+    multiprocessors, keeping at least 256 keys a split. Not yet tuned on a GPU. Elsewhere the
+    launcher does not split (the interpreter's tests choose)."""
+    wanted = min(-(-2 * sms // max(programs, 1)), max_keys // 256)
+    return next((n for n in SPLIT_CHOICES if n >= wanted), SPLIT_CHOICES[-1]) if wanted > 1 else 1
+
+
+def warm_up_tree_attention(keys: torch.Tensor, values: torch.Tensor, num_heads: int, head_dim: int, scale: float,
+                           budget: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Launches the kernel once per split count on a one-request tree of ``budget`` + 1 rows over
+    the given cache views (read only), with the constexprs of the engine's live tree steps, so that
+    Triton compiles every variant before the first request. Returns the split counts launched."""
+    dev = keys.device
+    page = keys.shape[1]
+    rows = budget + 1
+    blocks = -(-rows // page)
+    meta = TreeAttentionMetadata(
+        query_start_loc=torch.tensor([0, rows], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([rows], dtype=torch.int32, device=dev),
+        block_table=torch.arange(blocks, dtype=torch.int32, device=dev).view(1, blocks),
+        tree_bits=torch.zeros(1, rows, (rows + 31) // 32, dtype=torch.int32, device=dev),
+        tree_rows=torch.tensor([rows], dtype=torch.int32, device=dev))
+    query = torch.zeros(rows, num_heads, head_dim, dtype=dtype, device=dev)
+    for splits in SPLIT_CHOICES:
+        tree_attention(query, keys, values, meta, scale, num_splits=splits)
+    return SPLIT_CHOICES
 
 
 def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:

@@ -15,10 +15,12 @@ when the layer is hooked, at engine start.
 
 from __future__ import annotations
 
+import torch
+
 from vllm_ddtree.adapter.attention_hook import call_output, tree_metadata, wrap_forward
 from vllm_ddtree.adapter.support import refusal, unsupported_layer_features
-from vllm_ddtree.kv_commit import paged_kv_views
-from vllm_ddtree.tree_attention import tree_attention
+from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
+from vllm_ddtree.tree_attention import tree_attention, warm_up_tree_attention
 
 BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
 
@@ -51,3 +53,19 @@ def hook(name: str, layer) -> None:
         return output
 
     wrap_forward(impl, tree_forward)
+
+
+def warm_up(layer, budget: int, depth: int, dtype: torch.dtype) -> None:
+    """At engine start: compiles the step's Triton kernels for this target geometry (every layer of a
+    ddtree target shares it), as vLLM's DFlash warms its own kernels, so that the first live tree
+    step does not wait for Triton. Reads the layer's cache; the commit's plan moves nothing."""
+    impl = layer.impl
+    keys, values = paged_kv_views(layer.kv_cache, "vllm")
+    warm_up_tree_attention(keys, values, impl.num_heads, impl.head_size, impl.scale, budget, dtype)
+    dev = keys.device
+    page = keys.shape[1]
+    nothing_accepted = torch.full((1, depth + 1), -1, dtype=torch.int64, device=dev)
+    nothing_accepted[:, 0] = 0
+    plan = plan_commit(torch.zeros(1, -(-(budget + 1) // page), dtype=torch.int32, device=dev), page,
+                       torch.zeros(1, dtype=torch.int64, device=dev), nothing_accepted)
+    commit_accepted_kv([keys, values], plan, use_triton=True)

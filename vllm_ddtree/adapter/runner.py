@@ -179,7 +179,8 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
     """Hooks every target attention layer for tree steps and notes the caches the commit moves.
 
     Raises at engine start for a target the tree path cannot serve: layers spread over several KV
-    cache groups, or an attention backend or layer feature the tree kernel does not compute.
+    cache groups, or an attention backend or layer feature the tree kernel does not compute. On a GPU
+    the step's Triton kernels are compiled here, before any request.
     """
     drafter_layers = getattr(runner.drafter, "_draft_attn_layer_names", None)
     if drafter_layers is None:
@@ -202,6 +203,11 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
         raise refusal(f"target attention layers with different KV cache layouts or shapes ({sorted(layouts)}, "
                       f"{len(geometries)} shapes)")
     state.kv_caches, state.kv_layout = list(caches.values()), layouts.pop()
+    if runner.device.type == "cuda":
+        from vllm_ddtree.adapter import gpu_attention
+
+        gpu_attention.warm_up(next(iter(state.target_layers.values())), state.budget, state.depth,
+                              runner.model_config.dtype)
 
 
 def write_tree_positions(positions: torch.Tensor, step: StepTrees, offsets: torch.Tensor) -> None:
