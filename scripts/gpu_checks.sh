@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a CUDA machine with torch and triton but no vLLM (the device image):
 # the core's tests on the GPU (compiled Triton kernels, CUDA-graph capture, the drafter trainer), then
-# the round and tree-attention benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_checks.sh
+# the round, tree-attention and whole-step benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -13,9 +13,11 @@ nvidia-smi -L | tee "$OUT/machine.txt"
 python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version())" | tee -a "$OUT/machine.txt"
 
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_tree.py tests/test_verify.py tests/test_kv_commit.py \
-    tests/test_tree_attention.py tests/test_cuda_graph.py tests/test_train.py::test_trainer_learns_on_the_targets_device \
+    tests/test_tree_attention.py tests/test_cuda_graph.py tests/test_host_sync.py \
+    tests/test_train.py::test_trainer_learns_on_the_targets_device \
     --deselect tests/test_kv_commit.py::test_cpu_layout_is_what_vllm_cpu_writes 2>&1 | tee "$OUT/tests.log"
 
 python3 benchmarks/bench_round.py 2>&1 | tee "$OUT/bench_round.log"
 python3 benchmarks/bench_tree_attention.py --configs 64/-/-/-/- 64/-/-/-/1 32/-/-/-/- 128/-/-/-/- --context 1024 4096 16384 2>&1 \
     | tee "$OUT/bench_tree_attention.log"
+python3 benchmarks/bench_step.py --context 1024 4096 2>&1 | tee "$OUT/bench_step.log"

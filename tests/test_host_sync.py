@@ -25,6 +25,8 @@ class HostSync(AssertionError):
 
 @contextlib.contextmanager
 def no_host_sync():
+    """Raises :class:`HostSync` on a host read or a pageable upload; on a GPU, CUDA's own sync check
+    (``set_sync_debug_mode("error")``) runs as well."""
     def refuse(name):
         def refused(*args, **kwargs):
             raise HostSync(f"{name} reads a device value on the host")
@@ -45,8 +47,12 @@ def no_host_sync():
     try:
         for (owner, name), value in patches.items():
             setattr(owner, name, value)
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
         yield
     finally:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
         for (owner, name), value in saved.items():
             setattr(owner, name, value)
 
@@ -61,19 +67,19 @@ def test_the_guard_catches_each_kind_of_host_read():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_round_reads_nothing_back(temperature):
+def test_a_round_reads_nothing_back(temperature, device):
     R, D, V, B, page = 4, 7, 50, 16, 16
     gen = torch.Generator().manual_seed(0)
-    draft_logits = torch.randn(R, D, V, generator=gen) * 3
-    costs = StepCosts.from_samples({1: 0.01, 4096: 0.02}, {1: 0.001, 256: 0.002}, 512, 8)
-    calibration = AcceptanceCalibration(torch.device("cpu"))
-    logits = torch.randn(R * (B + 1), V, generator=gen)
-    row_starts = torch.arange(R) * (B + 1)
-    root_positions = torch.tensor([5, 40, 17, 63])
-    block_table = torch.randperm(64, generator=gen)[:32].view(R, 8).to(torch.int32)
-    sampling = TreeSampling.uniform(R, temperature=temperature, top_k=20, top_p=0.9)
-    hidden = torch.randn(R * (B + 1), 8, generator=gen)
-    positions = torch.arange(R * (B + 1))
+    draft_logits = (torch.randn(R, D, V, generator=gen) * 3).to(device)
+    costs = StepCosts.from_samples({1: 0.01, 4096: 0.02}, {1: 0.001, 256: 0.002}, 512, 8, device)
+    calibration = AcceptanceCalibration(torch.device(device))
+    logits = torch.randn(R * (B + 1), V, generator=gen).to(device)
+    row_starts = torch.arange(R, device=device) * (B + 1)
+    root_positions = torch.tensor([5, 40, 17, 63], device=device)
+    block_table = torch.randperm(64, generator=gen)[:32].view(R, 8).to(device, torch.int32)
+    sampling = TreeSampling.uniform(R, temperature=temperature, top_k=20, top_p=0.9, device=device)
+    hidden = torch.randn(R * (B + 1), 8, generator=gen).to(device)
+    positions = torch.arange(R * (B + 1), device=device)
     build_tree(draft_logits, B)  # first call per shape builds its index grid (cached, outside any step)
 
     with no_host_sync():
@@ -85,4 +91,4 @@ def test_a_round_reads_nothing_back(temperature):
         write_tree_positions(positions, step, tree.depths)
         plan_commit(block_table, page, root_positions, verdict.accepted_nodes)
         commit_accepted_rows(hidden, row_starts, verdict.accepted_nodes)
-    assert verdict.output_tokens.shape == (R, D + 1) and bool((verdict.num_accepted <= D).all())
+    assert verdict.output_tokens.shape == (R, D + 1) and bool((verdict.num_accepted <= D).all().cpu())
