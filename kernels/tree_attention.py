@@ -145,3 +145,28 @@ def tree_attention_kernel(
     else:
         tl.store(out_ptr + (q_start + row)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def merge_splits_kernel(
+    out_ptr, partial_ptr, lse_ptr,
+    stride_o_tok, stride_o_head,
+    num_heads, split_stride,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+):
+    # One program per (query row, head): the split outputs weighed by their share of the row's
+    # softmax mass, exp(lse_s - max lse); a row no split saw (all -inf) stays 0.
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    flat = s * split_stride + token * num_heads + head
+    lse = tl.load(lse_ptr + flat, mask=s < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
+    total = tl.sum(weight, 0)
+    part = tl.load(partial_ptr + flat[:, None] * HEAD_DIM + d[None, :],
+                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    merged = tl.sum(part * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + d, merged.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)

@@ -206,3 +206,25 @@ def test_warm_up_launches_every_split_count(device):
     before = cache.clone()
     assert warm_up_tree_attention(keys, values, 8, 64, 0.125, budget=15, dtype=torch.bfloat16) == SPLIT_CHOICES
     assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_split_merge_kernel_matches_torch(head_dim, device):
+    # The merge: out = sum_s softmax_s(lse) * partial_s per (row, head); a row whose splits are all
+    # empty (-inf) stays 0; the output may be a strided view, as vLLM's is.
+    from vllm_ddtree.tree_attention import merge_splits
+
+    gen = torch.Generator().manual_seed(head_dim)
+    S, T, H = 4, 6, 3
+    partial = torch.randn(S, T, H, head_dim, generator=gen)
+    lse = torch.randn(S, T, H, generator=gen) * 3
+    lse[1:, 2] = float("-inf")  # row 2: one split saw keys
+    lse[:, 4] = float("-inf")   # row 4: none did
+    weight = torch.softmax(lse, 0).nan_to_num(0.0)  # row 4: softmax of all -inf is NaN, weighs nothing
+    want = (weight.unsqueeze(-1) * partial).sum(0)
+    assert torch.equal(want[2], partial[0, 2]) and not want[4].any()
+    buffer = torch.full((T, H * head_dim + 8), float("nan"), device=device)
+    out = buffer[:, : H * head_dim].view(T, H, head_dim)
+    merge_splits(partial.to(device), lse.to(device), out)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
+    assert buffer[:, H * head_dim:].isnan().all()

@@ -153,12 +153,17 @@ def warm_up_tree_attention(keys: torch.Tensor, values: torch.Tensor, num_heads: 
 
 def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
     """``out[t, h] = sum_s w[s] partial[s, t, h]`` with ``w = softmax_s(lse[s, t, h])``: the split
-    outputs weighed by their share of the row's softmax mass (a row no split saw stays 0)."""
-    top = lse.max(0).values
-    weight = torch.exp(lse - torch.where(torch.isinf(top), 0.0, top))  # [S, T, Hq]; empty splits weigh 0
-    total = weight.sum(0)
-    merged = (weight.unsqueeze(-1) * partial).sum(0) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-    out.copy_(merged.to(out.dtype))
+    outputs weighed by their share of the row's softmax mass (a row no split saw stays 0). One
+    launch per layer (a chain of torch ops would be about eight)."""
+    import triton
+
+    from vllm_ddtree.kernels.tree_attention import merge_splits_kernel
+
+    S, T, num_heads, head_dim = partial.shape
+    merge_splits_kernel[(T, num_heads)](
+        out, partial, lse, out.stride(0), out.stride(1), num_heads, T * num_heads,
+        NUM_SPLITS=S, SPLITS_PAD=triton.next_power_of_2(S), HEAD_DIM=head_dim,
+        HEAD_PAD=triton.next_power_of_2(head_dim))
 
 
 def visibility_mask(meta: TreeAttentionMetadata, r: int) -> torch.Tensor:
