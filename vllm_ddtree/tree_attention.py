@@ -130,22 +130,29 @@ def choose_num_splits(programs: int, max_keys: int, sms: int) -> int:
     return next((n for n in SPLIT_CHOICES if n >= wanted), SPLIT_CHOICES[-1]) if wanted > 1 else 1
 
 
+def uniform_tree_metadata(tree_bits: torch.Tensor, context: int, page: int, num_blocks: int) -> TreeAttentionMetadata:
+    """A stand-in step of ``R = tree_bits.shape[0]`` tree requests of ``context`` keys each, whose
+    trees are ``tree_bits`` (``[R, N, W]``, N rows each), on consecutive blocks (modulo
+    ``num_blocks``): for warm-ups and cost measurements, not a live step."""
+    R, N, _ = tree_bits.shape
+    dev = tree_bits.device
+    blocks_each = -(-(context + N) // page)
+    return TreeAttentionMetadata(
+        query_start_loc=(torch.arange(R + 1, device=dev) * N).to(torch.int32),
+        seq_lens=torch.full((R,), context + N, dtype=torch.int32, device=dev),
+        block_table=(torch.arange(R * blocks_each, device=dev) % num_blocks).view(R, -1).to(torch.int32),
+        tree_bits=tree_bits, tree_rows=torch.full((R,), N, dtype=torch.int32, device=dev))
+
+
 def warm_up_tree_attention(keys: torch.Tensor, values: torch.Tensor, num_heads: int, head_dim: int, scale: float,
                            budget: int, dtype: torch.dtype) -> tuple[int, ...]:
     """Launches the kernel once per split count on a one-request tree of ``budget`` + 1 rows over
     the given cache views (read only), with the constexprs of the engine's live tree steps, so that
     Triton compiles every variant before the first request. Returns the split counts launched."""
-    dev = keys.device
-    page = keys.shape[1]
     rows = budget + 1
-    blocks = -(-rows // page)
-    meta = TreeAttentionMetadata(
-        query_start_loc=torch.tensor([0, rows], dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor([rows], dtype=torch.int32, device=dev),
-        block_table=torch.arange(blocks, dtype=torch.int32, device=dev).view(1, blocks),
-        tree_bits=torch.zeros(1, rows, (rows + 31) // 32, dtype=torch.int32, device=dev),
-        tree_rows=torch.tensor([rows], dtype=torch.int32, device=dev))
-    query = torch.zeros(rows, num_heads, head_dim, dtype=dtype, device=dev)
+    bits = torch.zeros(1, rows, (rows + 31) // 32, dtype=torch.int32, device=keys.device)
+    meta = uniform_tree_metadata(bits, context=0, page=keys.shape[1], num_blocks=keys.shape[0])
+    query = torch.zeros(rows, num_heads, head_dim, dtype=dtype, device=keys.device)
     for splits in SPLIT_CHOICES:
         tree_attention(query, keys, values, meta, scale, num_splits=splits)
     return SPLIT_CHOICES

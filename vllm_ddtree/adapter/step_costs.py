@@ -46,10 +46,10 @@ def step_costs(runner, state, log) -> StepCosts:
     cached = _rank0_decides(user is None and os.path.isfile(path))
     if user is not None:
         samples, source = read_table(user), "from ddtree_step_costs"
-    elif cached and os.path.isfile(path):
+    elif cached and _tp_rank() == 0:
         with open(path) as f:
             samples, source = read_table(json.load(f)), f"cached in {path}"
-    elif cached:  # rank 0 holds a table this rank does not: rank 0's tables are broadcast below
+    elif cached:  # a placeholder of the tables' shapes: rank 0's cached tables are broadcast below
         samples, source = ({1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}), "from rank 0"
     else:
         start = time.perf_counter()
@@ -119,21 +119,14 @@ def _cpu_tree_attention(runner, state, requests: int, context: int = 256) -> Non
     tree request's context through the dense-mask path (vLLM's own kernel serves other steps). One
     layer's cost, run once per layer, at a nominal context, with a random tree."""
     from vllm_ddtree.adapter.cpu_attention import cache_layout
-    from vllm_ddtree.tree_attention import TreeAttentionMetadata, plan_dense, tree_attention_dense
+    from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense, uniform_tree_metadata
 
     name, layer = next(iter(state.target_layers.items()))
     cache, impl = layer.kv_cache, layer.impl
     layout = cache_layout(name, layer)
     N, page, dev = state.budget + 1, cache.shape[2], runner.device
-    seq = context + N
-    blocks_each = (seq + page - 1) // page
     tree = build_tree(torch.randn(requests, state.depth, 64, device=dev), state.budget)
-    meta = TreeAttentionMetadata(
-        query_start_loc=(torch.arange(requests + 1, device=dev) * N).to(torch.int32),
-        seq_lens=torch.full((requests,), seq, dtype=torch.int32, device=dev),
-        block_table=(torch.arange(requests * blocks_each, device=dev) % cache.shape[0]).view(requests, -1).to(
-            torch.int32),
-        tree_bits=tree.ancestor_bits, tree_rows=torch.full((requests,), N, dtype=torch.int32, device=dev))
+    meta = uniform_tree_metadata(tree.ancestor_bits, context, page, cache.shape[0])
     query = torch.randn(requests * N, impl.num_heads, impl.head_size, dtype=cache.dtype, device=dev)
     plan = plan_dense(meta, page)
     for _ in state.target_layers:
