@@ -102,13 +102,16 @@ def test_compiled_tree_build_and_walk_equal_eager():
     from vllm_ddtree.tree import build_tree_from_topk, draft_topk
     from vllm_ddtree.verify import walk_tree
 
-    build = torch.compile(build_tree_from_topk, fullgraph=True, dynamic=False)
+    def beams(logp, tokens, budget, max_budget):
+        return build_tree_from_topk(logp, tokens, budget, max_budget, fused=False)
+
+    build = torch.compile(beams, fullgraph=True, dynamic=False)
     walk = torch.compile(walk_tree, fullgraph=True, dynamic=False)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         logits = (torch.randn(8, DEPTH, VOCAB, generator=gen) * 3).to("cuda")
         logp, tokens = draft_topk(logits, 64)
-        want, got = build_tree_from_topk(logp, tokens, 64, 64), build(logp, tokens, 64, 64)
+        want, got = beams(logp, tokens, 64, 64), build(logp, tokens, 64, 64)
         for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         target = torch.randint(0, VOCAB, (8, 65), generator=gen).to("cuda")

@@ -1,4 +1,8 @@
-"""build_tree against the reference heap, node for node, on thousands of random requests."""
+"""build_tree against the reference heap, node for node, on thousands of random requests.
+
+Both selections run every test: the torch beams (``fused=False``) and the one-launch Triton kernel
+(``fused=True``, under ``TRITON_INTERPRET=1`` on CPU), so each equals the heap on its own.
+"""
 
 import os
 
@@ -11,6 +15,11 @@ from vllm_ddtree.tree import build_tree, draft_topk, pack_bits, unpack_bits
 
 TRIALS = int(os.environ.get("DDTREE_TREE_TRIALS", "30"))  # x 24 requests x 5 kinds
 
+# The interpreter runs the kernel's programs one op at a time (~3 s per 24 requests): fewer trials
+# on CPU, the full count where the kernel is compiled.
+KERNEL_TRIALS = TRIALS if torch.cuda.is_available() else max(1, TRIALS // 6)
+fused = pytest.mark.parametrize("fused", [False, True], ids=["beams", "kernel"])
+
 
 def _paths(tree, r):
     n = int(tree.num_nodes[r])
@@ -20,8 +29,8 @@ def _paths(tree, r):
     return [paths[i] for i in range(1, n + 1)]
 
 
-def _check_against_reference(logits, budgets, max_budget):
-    tree = build_tree(logits, budgets, max_budget)
+def _check_against_reference(logits, budgets, max_budget, fused):
+    tree = build_tree(logits, budgets, max_budget, fused=fused)
     k = min(max_budget, logits.shape[-1])
     logp, tokens = draft_topk(logits, k) if k else (None, None)
     for r in range(logits.shape[0]):
@@ -56,10 +65,11 @@ def _logits(gen, R, D, V, kind):
     return x
 
 
+@fused
 @pytest.mark.parametrize("kind", ["gauss", "ties", "same_rows", "masked", "certain"])
-def test_matches_reference_heap(kind, device):
+def test_matches_reference_heap(kind, fused, device):
     gen = torch.Generator().manual_seed(hash(kind) % 1000)
-    for trial in range(TRIALS):
+    for trial in range(KERNEL_TRIALS if fused else TRIALS):
         R = 24
         D = int(torch.randint(1, 7, (1,), generator=gen))
         V = int(torch.randint(1, 12, (1,), generator=gen))
@@ -67,37 +77,41 @@ def test_matches_reference_heap(kind, device):
         budgets = torch.randint(0, B + 1, (R,), generator=gen)
         budgets[0] = B
         logits = _logits(gen, R, D, V, kind).to(device)
-        _check_against_reference(logits, budgets.to(device), B)
+        _check_against_reference(logits, budgets.to(device), B, fused)
 
 
+@fused
 @pytest.mark.parametrize("budget", [0, 1, 2, 7, 15 * 3 + 100])
-def test_budget_edges(budget, device):
+def test_budget_edges(budget, fused, device):
     # V = 3 and D = 15: a budget over the whole tree's size takes every node the top-K allows.
     gen = torch.Generator().manual_seed(budget)
     logits = torch.randn(8, 15, 3, generator=gen).to(device)
-    tree = _check_against_reference(logits, torch.full((8,), budget), budget)
+    tree = _check_against_reference(logits, torch.full((8,), budget), budget, fused)
     assert tree.token_ids.shape == (8, budget)
     assert tree.ancestor_bits.shape == (8, budget + 1, (budget + 1 + 31) // 32)
 
 
-def test_int_budget_equals_tensor_budget(device):
+@fused
+def test_int_budget_equals_tensor_budget(fused, device):
     logits = torch.randn(5, 15, 50, generator=torch.Generator().manual_seed(1)).to(device)
-    a = build_tree(logits, 32)
-    b = build_tree(logits, torch.full((5,), 32, device=device), max_budget=32)
+    a = build_tree(logits, 32, fused=fused)
+    b = build_tree(logits, torch.full((5,), 32, device=device), max_budget=32, fused=fused)
     for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_large_vocab_realistic_shape(device):
+@fused
+def test_large_vocab_realistic_shape(fused, device):
     # D = 15 (a b16 drafter), a real vocabulary size, peaked drafts as a trained drafter gives.
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(4, 15, 151936, generator=gen) * 4).to(device)
-    _check_against_reference(logits, torch.tensor([64, 16, 1, 128]), 128)
+    _check_against_reference(logits, torch.tensor([64, 16, 1, 128]), 128, fused)
 
 
-def test_ancestor_mask_and_order(device):
+@fused
+def test_ancestor_mask_and_order(fused, device):
     gen = torch.Generator().manual_seed(7)
-    tree = build_tree((torch.randn(16, 6, 9, generator=gen) * 2).to(device), 40)
+    tree = build_tree((torch.randn(16, 6, 9, generator=gen) * 2).to(device), 40, fused=fused)
     mask = tree.ancestor_mask().cpu()
     parents = tree.parents.cpu()
     for r in range(16):
@@ -133,17 +147,34 @@ def test_bad_arguments():
         build_tree(torch.zeros(1, 2, 3), 2, max_children=0)
 
 
-def test_one_child_per_node_is_the_drafters_argmax_chain(device):
+@fused
+def test_one_child_per_node_is_the_drafters_argmax_chain(fused, device):
     gen = torch.Generator().manual_seed(11)
     R, D, V = 16, 6, 50
     logits = (torch.randn(R, D, V, generator=gen) * 3).to(device)
-    tree = build_tree(logits, D, max_children=1)
+    tree = build_tree(logits, D, max_children=1, fused=fused)
     assert tree.num_nodes.tolist() == [D] * R
     assert torch.equal(tree.token_ids, logits.argmax(-1))
     assert torch.equal(tree.parents, torch.arange(D, device=device).expand(R, -1))
     assert torch.equal(tree.depths, torch.arange(1, D + 1, device=device).expand(R, -1))
     # Without the cap the same budget branches: the baseline really differs from the tree.
-    assert not torch.equal(build_tree(logits, D).parents, tree.parents)
+    assert not torch.equal(build_tree(logits, D, fused=fused).parents, tree.parents)
+
+
+@pytest.mark.parametrize("R,D,V,B", [(3, 15, 40, 64), (2, 15, 400, 300), (1, 4, 2000, 1024), (0, 3, 5, 8)])
+def test_kernel_equals_beams_in_every_field(R, D, V, B, device):
+    # Budgets whose ancestor rows span several words (and, at 1024, the largest B the adapter takes),
+    # every output tensor compared whole: padding slots, unused ancestor rows and the counts included.
+    gen = torch.Generator().manual_seed(B)
+    logits = (torch.randn(R, D, V, generator=gen) * 2).to(device)
+    budgets = torch.randint(0, B + 1, (R,), generator=gen).to(device)
+    if R:
+        budgets[0] = B
+    beams = build_tree(logits, budgets, B, fused=False)
+    kernel = build_tree(logits, budgets, B, fused=True)
+    for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
+        assert torch.equal(getattr(beams, name), getattr(kernel, name)), name
+    assert kernel.max_depth == D
 
 
 def test_draft_topk_in_row_chunks_equals_one_pass(monkeypatch, device):

@@ -121,6 +121,7 @@ def build_tree(
     budget: int | torch.Tensor,
     max_budget: int | None = None,
     max_children: int | None = None,
+    fused: bool | None = None,
 ) -> DraftTree:
     """Selects each request's best ``budget`` nodes from its drafter logits ``[R, D, V]``.
 
@@ -128,6 +129,7 @@ def build_tree(
     ``max_budget`` (the B of every output shape) so that no value is read back to the host.
     ``max_children`` keeps only each depth's top tokens as candidates: 1 with budget D gives DFlash's
     chain (the drafter's argmax at every depth), the baseline that trees are measured against.
+    ``fused`` selects the one-launch Triton selection (default: on CUDA tensors); both give the same tree.
     """
     if draft_logits.dim() != 3:
         raise ValueError(f"draft_logits must be [R, D, V], got shape {tuple(draft_logits.shape)}")
@@ -137,7 +139,7 @@ def build_tree(
     k = min(max_budget, draft_logits.shape[-1], max_children or max_budget)
     logp, tokens = draft_topk(draft_logits, k) if k > 0 else (None, None)
     return build_tree_from_topk(logp, tokens, budget, max_budget, shape=draft_logits.shape[:2],
-                                device=draft_logits.device)
+                                device=draft_logits.device, fused=fused)
 
 
 def _static_budget(budget: int | torch.Tensor, max_budget: int | None) -> int:
@@ -159,6 +161,7 @@ def build_tree_from_topk(
     max_budget: int,
     shape: tuple[int, int] | None = None,
     device: torch.device | None = None,
+    fused: bool | None = None,
 ) -> DraftTree:
     """:func:`build_tree` after :func:`draft_topk`: ``logp``/``tokens`` are ``[R, D, K]``, sorted."""
     B = max_budget
@@ -172,6 +175,8 @@ def build_tree_from_topk(
         budget = budget.to(device=dev, dtype=torch.int64).clamp(0, B)
     else:
         budget = torch.full((R,), budget, dtype=torch.int64, device=dev)
+    if (logp.is_cuda if fused is None else fused):
+        return _build_tree_fused(logp, tokens, budget, B)
     if B * K > _TIE_MAX or D * B > _TIE_MAX:
         raise ValueError(f"budget {B} too large for the packed selection keys")
 
@@ -234,6 +239,32 @@ def build_tree_from_topk(
     scores = torch.where(used, all_score.gather(1, chosen), float("-inf"))
     return DraftTree(token_ids, parents, depths, scores, num_nodes,
                      ancestor_bits(parents, D), D)
+
+
+def _build_tree_fused(logp: torch.Tensor, tokens: torch.Tensor, budget: torch.Tensor, B: int) -> DraftTree:
+    """The same selection as the beams above, as one Triton program per request walking the heap
+    itself (:mod:`vllm_ddtree.kernels.tree_build`): one launch instead of a few hundred small kernels."""
+    import triton
+
+    from vllm_ddtree.kernels.tree_build import tree_build_kernel
+
+    R, D, K = logp.shape
+    dev = logp.device
+    words = (B + 32) // 32
+    long = dict(dtype=torch.int64, device=dev)
+    token_ids, parents, depths = (torch.empty(R, B, **long) for _ in range(3))
+    scores = torch.empty(R, B, dtype=torch.float32, device=dev)
+    num_nodes = torch.empty(R, **long)
+    bits = torch.empty(R, B + 1, words, dtype=torch.int32, device=dev)
+    if R:
+        nodes, words_pad = triton.next_power_of_2(B + 1), triton.next_power_of_2(words)
+        tree_build_kernel[(R,)](
+            logp.float().contiguous(), tokens.contiguous(), budget.contiguous(),
+            token_ids, parents, depths, scores, num_nodes, bits, D, K,
+            B=B, NODES=nodes, WORDS=words, WORDS_PAD=words_pad, ROW_CHUNK=min(nodes, max(1, 1024 // words_pad)),
+            # A pop is a chain of reductions over NODES values: one warp (shuffles only) while they fit.
+            num_warps=max(1, min(8, nodes // 128)))
+    return DraftTree(token_ids, parents, depths, scores, num_nodes, bits, D)
 
 
 def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
