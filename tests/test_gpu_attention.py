@@ -104,8 +104,7 @@ def test_an_unhooked_backend_is_refused_when_hooked():
 
 def test_warm_up_compiles_the_step_kernels_without_touching_the_cache(device, monkeypatch):
     # What an engine on a GPU runs at start (the interpreter here): every split variant of the tree
-    # kernel, the KV commit kernel and the tree build's kernel at the engine's B, on the layer's own
-    # cache, which stays as it was.
+    # kernel and the KV commit kernel, on the layer's own cache, which stays as it was.
     from vllm_ddtree import tree_attention as module
     from vllm_ddtree.adapter import gpu_attention
 
@@ -120,17 +119,7 @@ def test_warm_up_compiles_the_step_kernels_without_touching_the_cache(device, mo
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(module, "tree_attention", counted)
-    builds = []
-    build = gpu_attention.build_tree
-
-    def counted_build(logits, budget, **kwargs):
-        tree = build(logits, budget, **kwargs)
-        builds.append((kwargs.get("fused"), budget, logits.shape[1], int(tree.num_nodes.sum())))
-        return tree
-
-    monkeypatch.setattr(gpu_attention, "build_tree", counted_build)
     gpu_attention.warm_up(SimpleNamespace(impl=_impl("FlashAttentionImpl", 8, 64), kv_cache=kv_cache), budget=15,
                           depth=7, dtype=torch.bfloat16)
     assert tuple(launches) == module.SPLIT_CHOICES
-    assert builds == [(True, 15, 7, 15)]
     assert torch.equal(kv_cache, before)

@@ -7,54 +7,15 @@ whole round runs: tree build, the cost-aware cut, its calibration, verification 
 sampled), the tree positions, and the commit plans of the KV cache and the drafter's rows.
 """
 
-import contextlib
-
 import pytest
 import torch
+from host_sync_guard import HostSync, no_host_sync
 
 from vllm_ddtree.adapter.runner import StepTrees, write_tree_positions
 from vllm_ddtree.budget import AcceptanceCalibration, StepCosts, kept_nodes
 from vllm_ddtree.kv_commit import commit_accepted_rows, plan_commit
 from vllm_ddtree.tree import build_tree
 from vllm_ddtree.verify import TreeSampling, verify_tree
-
-
-class HostSync(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Raises :class:`HostSync` on a host read or a pageable upload; on a GPU, CUDA's own sync check
-    (``set_sync_debug_mode("error")``) runs as well."""
-    def refuse(name):
-        def refused(*args, **kwargs):
-            raise HostSync(f"{name} reads a device value on the host")
-        return refused
-
-    def upload(original, name):
-        def guarded(data, *args, **kwargs):
-            if not isinstance(data, torch.Tensor) and not kwargs.get("pin_memory", False):
-                raise HostSync(f"{name}({type(data).__name__}) uploads host data from pageable memory")
-            return original(data, *args, **kwargs)
-        return guarded
-
-    patches = {(torch.Tensor, name): refuse(f"Tensor.{name}") for name in
-               ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")}
-    patches[(torch, "tensor")] = upload(torch.tensor, "torch.tensor")
-    patches[(torch, "as_tensor")] = upload(torch.as_tensor, "torch.as_tensor")
-    saved = {key: getattr(*key) for key in patches}
-    try:
-        for (owner, name), value in patches.items():
-            setattr(owner, name, value)
-        if torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode("error")
-        yield
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode("default")
-        for (owner, name), value in saved.items():
-            setattr(owner, name, value)
 
 
 def test_the_guard_catches_each_kind_of_host_read():
@@ -92,3 +53,25 @@ def test_a_round_reads_nothing_back(temperature, device):
         plan_commit(block_table, page, root_positions, verdict.accepted_nodes)
         commit_accepted_rows(hidden, row_starts, verdict.accepted_nodes)
     assert verdict.output_tokens.shape == (R, D + 1) and bool((verdict.num_accepted <= D).all().cpu())
+
+
+def test_trees_follow_their_requests_into_the_next_batch_without_a_host_read(device):
+    # The trees drafted in one step's batch order, verified in the next step's: the same rows (a steady
+    # batch), or rows that vLLM moved, removed (its tree is dropped) and added (no tree yet).
+    from vllm_ddtree.adapter.runner import _batch_trees
+
+    B, D = 8, 4
+    trees = build_tree((torch.randn(3, D, 20, generator=torch.Generator().manual_seed(0)) * 3).to(device), B)
+    drafted = (trees, ["a", "b", "c"])
+    kept, kept_moved = torch.tensor([8, 2, 0], device=device), torch.tensor([8, 0, 3], device=device)
+    with no_host_sync():
+        steady = _batch_trees(drafted, ["a", "b", "c"], kept, B, D)
+        moved = _batch_trees(drafted, ["c", "new", "a"], kept_moved, B, D)
+    assert steady.num_nodes.tolist() == [8, 2, 0]
+    assert torch.equal(steady.token_ids[0], trees.token_ids[0]) and torch.equal(steady.parents, trees.parents.where(
+        torch.arange(B, device=device) < steady.num_nodes.unsqueeze(1), 0))
+    assert moved.num_nodes.tolist() == [8, 0, 3]
+    assert torch.equal(moved.token_ids[0], trees.token_ids[2])
+    assert (moved.token_ids[1] == -1).all()
+    assert torch.equal(moved.token_ids[2, :3], trees.token_ids[0, :3]) and (moved.token_ids[2, 3:] == -1).all()
+    assert torch.equal(moved.ancestor_bits[2], trees.ancestor_bits[0])

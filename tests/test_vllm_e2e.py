@@ -86,6 +86,46 @@ def test_cost_aware_budget_with_free_rows_is_the_fixed_budget(models, reference,
         assert costed.metrics[name] == fixed.metrics[name] > 0, name
 
 
+def test_the_adapters_step_functions_read_nothing_back_in_a_live_engine(models, reference, monkeypatch):
+    # Issue 14: every device function of a tree step, as the engine calls it on its real inputs, runs
+    # under the host-sync guard (tests/host_sync_guard.py): tree bookkeeping and positions, the build
+    # and the cost-aware cut, sampling parameters (seeded requests included), verification and its
+    # calibration, the commit plan and the drafter's rows. The CPU-only paths around them (the dense
+    # CPU attention, the CPU cache copy) read lengths on the host by design and are not guarded.
+    import collections
+
+    from host_sync_guard import no_host_sync
+
+    from vllm_ddtree.adapter import proposer, runner
+    from vllm_ddtree.budget import AcceptanceCalibration
+
+    calls = collections.Counter()
+
+    def guard(owner, name):
+        original = getattr(owner, name)
+
+        def guarded(*args, **kwargs):
+            calls[name] += 1
+            with no_host_sync():
+                return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, guarded)
+
+    for owner, name in [(runner, "prepare_tree_step"), (runner, "_tree_sampling"), (runner, "verify_tree"),
+                        (runner, "plan_commit"), (proposer, "build_tree"), (proposer, "kept_nodes"),
+                        (proposer, "commit_accepted_rows"), (proposer, "write_tree_positions"),
+                        (AcceptanceCalibration, "update")]:
+        guard(owner, name)
+    spec = {"method": "ddtree", "num_speculative_tokens": 16, "ddtree_budget": "cost-aware",
+            "ddtree_step_costs": FREE_ROWS}
+    params = [GREEDY] * 4 + [SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True)] * 2
+    result = run(models, PROMPTS[:6], params, spec=spec)
+    assert result.tokens[:4] == reference[:4]
+    assert result.tau > 1.5  # trees were verified, and nodes accepted
+    assert set(calls) == {"prepare_tree_step", "_tree_sampling", "verify_tree", "plan_commit", "build_tree",
+                          "kept_nodes", "commit_accepted_rows", "write_tree_positions", "update"}, calls
+
+
 def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
     # A table where a second row costs far more than a token is worth keeps no node: every step emits
     # one token per request (no draft is ever verified), the output is the target's, and the drafter

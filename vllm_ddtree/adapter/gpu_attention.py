@@ -20,7 +20,6 @@ import torch
 from vllm_ddtree.adapter.attention_hook import call_output, tree_metadata, wrap_forward
 from vllm_ddtree.adapter.support import refusal, unsupported_layer_features
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
-from vllm_ddtree.tree import build_tree
 from vllm_ddtree.tree_attention import tree_attention, warm_up_tree_attention
 
 BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
@@ -70,5 +69,3 @@ def warm_up(layer, budget: int, depth: int, dtype: torch.dtype) -> None:
     plan = plan_commit(torch.zeros(1, -(-(budget + 1) // page), dtype=torch.int32, device=dev), page,
                        torch.zeros(1, dtype=torch.int64, device=dev), nothing_accepted)
     commit_accepted_kv([keys, values], plan, use_triton=True)
-    # The tree build's kernel is specialised on B alone (and on K = min(B, V) = B for any real vocabulary).
-    build_tree(torch.zeros(1, depth, budget, device=dev), budget, fused=True)

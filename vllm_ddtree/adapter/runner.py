@@ -203,6 +203,10 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
         raise refusal(f"target attention layers with different KV cache layouts or shapes ({sorted(layouts)}, "
                       f"{len(geometries)} shapes)")
     state.kv_caches, state.kv_layout = list(caches.values()), layouts.pop()
+    # The tree build at the engine's shapes: on a GPU its Triton kernel compiles, on CPU the beams'
+    # index grids (cached per shape) are made, so that no live step waits for either.
+    vocab = runner.model_config.get_vocab_size()
+    build_tree(torch.zeros(1, state.depth, min(state.budget, vocab), device=runner.device), state.budget)
     if runner.device.type == "cuda":
         from vllm_ddtree.adapter import gpu_attention
 
@@ -267,7 +271,13 @@ def _affordable_probe_interval(state: DDTreeState, runner, share: float = 0.02) 
 
 
 def _batch_trees(drafted, req_ids, num_draft: torch.Tensor, budget: int, depth: int) -> DraftTree:
-    """The drafted trees of ``req_ids`` in batch order, cut to the drafts the scheduler kept."""
+    """The drafted trees of ``req_ids`` in batch order, cut to the drafts the scheduler kept.
+
+    The trees are in the rows of the batch that drafted them. In a steady batch the rows are the same
+    (one list comparison, no upload); after vLLM added, removed or moved requests, each request's row
+    is looked up by id on the host, as vLLM's own runner maps its previous step's rows
+    (``_compute_prev_positions``), and goes down in one pinned non-blocking copy.
+    """
     from vllm.utils.torch_utils import async_tensor_h2d
 
     R = len(req_ids)
@@ -275,6 +285,8 @@ def _batch_trees(drafted, req_ids, num_draft: torch.Tensor, budget: int, depth: 
     if drafted is None:  # the drafter did not run last step: nothing to verify
         return empty_tree(R, budget, dev, depth)
     trees, tree_req_ids = drafted
+    if list(req_ids) == tree_req_ids:
+        return trees.cut(torch.minimum(trees.num_nodes, num_draft))
     index = {rid: i for i, rid in enumerate(tree_req_ids)}
     rows = async_tensor_h2d([index.get(rid, -1) for rid in req_ids], dev, torch.int64)
     mine = trees.take(rows.clamp(min=0))
