@@ -16,7 +16,11 @@ D + 1 block rows, then the LM head over the D draft rows. One step, per request:
 
 RMSNorm, SiLU MLP and the projections are plain torch; RoPE and q/k norms are left out (a few
 element-wise kernels against the step's GEMMs). Each variant is captured once per shape and replayed;
-the median of ``--repeats`` replays is reported. Projected tokens per second per request set use a
+the median of ``--repeats`` replays is reported. ``--graphs`` chooses how: ``full`` (the whole step in
+one graph, what full CUDA graphs would give), ``piecewise`` (a graph per piece between attention
+calls, each layer's attention launched eagerly from Python in between: how vLLM runs a ddtree engine,
+whose attention hook decides per step), or ``none`` (eager). ``--launches`` also counts the GPU
+kernels and copies of one step of each variant (torch profiler). Projected tokens per second per request set use a
 tau per budget (``--tau``; defaults from the DDTree and DFlash papers' Qwen3-8B figures in
 ``shared/notes``): ``batch * tau / step time``, as ratios to no speculation and to the chain, and the
 budget that maximizes it (what the cost-aware rule aims at).
@@ -28,6 +32,7 @@ tiny model through the Triton interpreter on CPU, untimed, to check the script.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -35,7 +40,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before anything impo
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from harness import cuda_graphed, print_header, timed  # noqa: E402
+from harness import count_gpu_ops, cuda_graphed, drive, piecewise_graphed, print_header, timed  # noqa: E402
 
 QWEN3_8B = dict(layers=36, hidden=4096, q_heads=32, kv_heads=8, head_dim=128, mlp=12288, vocab=151936)
 TINY = dict(layers=2, hidden=64, q_heads=4, kv_heads=2, head_dim=16, mlp=128, vocab=96)
@@ -65,7 +70,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def run_layers(x, weights, caches, meta, slots, shape):
     """The decoder layers over rows ``x [T, hidden]``; each layer writes its K/V at ``slots`` (block,
-    offset) of its paged cache before attending, as vLLM's backends do."""
+    offset) of its paged cache before attending, as vLLM's backends do. A generator: it yields each
+    layer's attention as a call for the driver to make (:func:`harness.drive` at once,
+    :func:`harness.piecewise_graphed` eagerly between graphed pieces) and returns the output rows."""
     from vllm_ddtree.kv_commit import paged_kv_views
     from vllm_ddtree.tree_attention import tree_attention
 
@@ -77,7 +84,8 @@ def run_layers(x, weights, caches, meta, slots, shape):
         keys, values = paged_kv_views(cache, "vllm")
         keys[slots[0], slots[1]] = k.view(T, kv_heads, d)
         values[slots[0], slots[1]] = v.view(T, kv_heads, d)
-        attn = tree_attention(q.reshape(T, q_heads, d), keys, values, meta, d ** -0.5)
+        attn = torch.empty(T, q_heads, d, device=x.device, dtype=x.dtype)
+        yield functools.partial(tree_attention, q.reshape(T, q_heads, d), keys, values, meta, d ** -0.5, out=attn)
         x = x + attn.reshape(T, q_heads * d) @ layer["o"].T
         gate, up = (rms_norm(x, layer["norm2"]) @ layer["gate_up"].T).chunk(2, -1)
         x = x + (torch.nn.functional.silu(gate) * up) @ layer["down"].T
@@ -120,8 +128,9 @@ def paged_caches(shape, layers, num_blocks, device, dtype):
 
 
 def step_functions(shape, target, drafter, depth, budgets, batch, context, device, dtype, gen):
-    """{name: step closure over fixed buffers} for one (batch, context). The variants share one target
-    cache and one drafter cache, sized for the most rows (each holds a model's KV for the batch)."""
+    """{name: step over fixed buffers} for one (batch, context): generator functions, as
+    :func:`run_layers`. The variants share one target cache and one drafter cache, sized for the most
+    rows (each holds a model's KV for the batch)."""
     from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
     from vllm_ddtree.tree import build_tree
     from vllm_ddtree.verify import TreeSampling, verify_tree
@@ -139,21 +148,24 @@ def step_functions(shape, target, drafter, depth, budgets, batch, context, devic
 
     plain = Batch(batch, context, 1, num_blocks, device, gen)
     ids = torch.randint(0, vocab, (batch,), generator=gen).to(device)
-    steps["plain"] = lambda: logits_of(run_layers(embed[ids], target, target_cache, plain.meta, plain.slots,
-                                                  shape)).argmax(-1)
+    def plain_step():
+        return logits_of((yield from run_layers(embed[ids], target, target_cache, plain.meta, plain.slots,
+                                                shape))).argmax(-1)
+
+    steps["plain"] = plain_step
 
     block = Batch(batch, context, depth + 1, num_blocks, device, gen)
     block_ids = torch.randint(0, vocab, (batch * (depth + 1),), generator=gen).to(device)
 
     def draft_logits():
-        x = run_layers(embed[block_ids], drafter, draft_cache, block.meta, block.slots, shape)
+        x = yield from run_layers(embed[block_ids], drafter, draft_cache, block.meta, block.slots, shape)
         return logits_of(x.view(batch, depth + 1, hidden)[:, 1:])  # [R, D, V]
 
     def chain():
-        drafts = draft_logits().argmax(-1)  # [R, D]
+        drafts = (yield from draft_logits()).argmax(-1)  # [R, D]
         tokens = torch.cat([block_ids.view(batch, -1)[:, :1], drafts], 1).flatten()
-        target_tokens = logits_of(run_layers(embed[tokens], target, target_cache, block.meta, block.slots,
-                                             shape)).argmax(-1).view(batch, depth + 1)
+        target_tokens = logits_of((yield from run_layers(embed[tokens], target, target_cache, block.meta,
+                                                         block.slots, shape))).argmax(-1).view(batch, depth + 1)
         return torch.cumprod((target_tokens[:, :-1] == drafts).long(), 1).sum(1)
 
     steps["chain"] = chain
@@ -162,10 +174,10 @@ def step_functions(shape, target, drafter, depth, budgets, batch, context, devic
         views = [view for c in target_cache for view in paged_kv_views(c, "vllm")]
 
         def tree_step(tree_batch=tree_batch, cache=target_cache, views=views, budget=budget):
-            tree = build_tree(draft_logits(), budget)
+            tree = build_tree((yield from draft_logits()), budget)
             tokens = torch.cat([block_ids.view(batch, -1)[:, :1], tree.token_ids.clamp(min=0)], 1).flatten()
-            logits = logits_of(run_layers(embed[tokens], target, cache, tree_batch.with_tree(tree),
-                                          tree_batch.slots, shape))
+            logits = logits_of((yield from run_layers(embed[tokens], target, cache, tree_batch.with_tree(tree),
+                                                      tree_batch.slots, shape)))
             verdict = verify_tree(tree, logits, sampling, tree_batch.root_positions, row_starts=tree_batch.row_starts)
             plan = plan_commit(tree_batch.block_table, PAGE, tree_batch.root_positions, verdict.accepted_nodes)
             commit_accepted_kv(views, plan)
@@ -188,13 +200,15 @@ def main():
     parser.add_argument("--depth", type=int, default=15, help="D = the drafter's block size - 1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tau", default=DEFAULT_TAU, help="tau per row: chain=..,<budget>=..")
-    parser.add_argument("--no-graphs", action="store_true", help="time eager steps instead of CUDA graphs")
+    parser.add_argument("--graphs", choices=["full", "piecewise", "none"], default="full",
+                        help="the whole step in one CUDA graph, graphs between eager attention calls, or eager")
+    parser.add_argument("--launches", action="store_true", help="also count GPU kernels and copies per step")
     parser.add_argument("--smoke", action="store_true", help="tiny model through the interpreter on CPU")
     args = parser.parse_args()
     shape = QWEN3_8B
     if args.smoke:
         shape, args.batch, args.context, args.budgets, args.depth, args.repeats = TINY, [2], [40], [4], 3, 1
-        args.no_graphs = True
+        args.graphs = "none"
     elif not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU for real figures (use --smoke to check the script on CPU)")
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -202,7 +216,7 @@ def main():
     tau = parse_tau(args.tau)
     print_header()
     print(f"target {shape}, drafter {DRAFT_LAYERS} layers, D = {args.depth}, {dtype}, KV block {PAGE}; "
-          f"{'eager' if args.no_graphs else 'CUDA graph'} steps, median of {args.repeats}; tau {tau}\n")
+          f"{args.graphs} CUDA graphs, median of {args.repeats}; tau {tau}\n")
     target = make_weights(shape, shape["layers"], device, dtype, seed=0)
     drafter = make_weights(shape, DRAFT_LAYERS, device, dtype, seed=1)
     drafter.update(embed=target["embed"], head=target["head"])  # DFlash shares the target's
@@ -215,10 +229,17 @@ def main():
             try:
                 steps = step_functions(shape, target, drafter, args.depth, args.budgets, batch, context, device,
                                        dtype, gen)
-                seconds = {}
+                seconds, launches = {}, {}
                 for name in names:
-                    fn = steps[name] if args.no_graphs else cuda_graphed(steps[name])
+                    step = steps[name]
+                    if args.graphs == "piecewise":
+                        fn = piecewise_graphed(step)
+                    else:
+                        fn = functools.partial(lambda step: drive(step()), step)
+                        fn = cuda_graphed(fn) if args.graphs == "full" else fn
                     seconds[name] = timed(fn, args.repeats)
+                    if args.launches:
+                        launches[name] = count_gpu_ops(lambda step=step: drive(step()))
             except torch.OutOfMemoryError:
                 print(f"{batch:>5} {context:>7}  out of memory")
                 continue
@@ -233,6 +254,8 @@ def main():
                               f"{speed[n] / speed['chain']:.2f}" for n in trees if "chain" in speed)
             print(f"{batch:>5} {context:>7} " + " ".join(f"{1e3 * seconds[n]:>12.2f}" for n in names)
                   + f"   chain:{speed.get('chain', 0) / speed['plain']:.2f} {ratios} best {best}")
+            if launches:
+                print(f"{'':>5} {'':>7} " + " ".join(f"{launches[n]:>9} ops" for n in names) + "   (GPU kernels + copies)")
 
 
 if __name__ == "__main__":

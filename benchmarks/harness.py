@@ -45,6 +45,60 @@ def cuda_graphed(fn):
     return graph.replay
 
 
+def drive(step):
+    """Runs a step generator (see bench_step.run_layers) eagerly: each yielded call is made at once.
+    Returns the generator's return value."""
+    while True:
+        try:
+            call = next(step)
+        except StopIteration as done:
+            return done.value
+        call()
+
+
+def piecewise_graphed(step_fn):
+    """vLLM's piecewise CUDA graphs for a step generator function: one graph per piece of GPU work between
+    the yielded calls (attention), captured in one memory pool; the replay runs each piece's graph and
+    makes each call eagerly from Python in between, as vLLM does around its attention layers, and
+    returns the step's result (a tensor of the last piece). The yielded calls must read and write
+    tensors that stay put (made in the pieces, kept by the calls)."""
+    drive(step_fn())  # warm-up outside the capture: allocator, Triton compiles
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
+    graphs, calls, result = [], [], None
+    pieces = step_fn()
+    while not graphs or calls[-1] is not None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            try:
+                calls.append(next(pieces))
+            except StopIteration as done:
+                calls.append(None)
+                result = done.value  # made in the last piece: the replay refreshes it
+        graphs.append(graph)
+
+    def replay():
+        for graph, call in zip(graphs, calls):
+            graph.replay()
+            if call is not None:
+                call()
+        return result
+
+    return replay
+
+
+def count_gpu_ops(fn) -> int:
+    """GPU kernels, copies and sets one eager ``fn()`` runs (torch profiler, after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def print_header() -> None:
     import triton
 

@@ -21,3 +21,6 @@ python3 benchmarks/bench_round.py 2>&1 | tee "$OUT/bench_round.log"
 python3 benchmarks/bench_tree_attention.py --configs 64/-/-/-/- 64/-/-/-/1 32/-/-/-/- 128/-/-/-/- --context 1024 4096 16384 2>&1 \
     | tee "$OUT/bench_tree_attention.log"
 python3 benchmarks/bench_step.py --context 1024 4096 2>&1 | tee "$OUT/bench_step.log"
+# The cost of piecewise graphs (attention eager between graphed pieces, as a ddtree engine runs) against
+# the full-graph figures above, and the GPU kernels per step.
+python3 benchmarks/bench_step.py --graphs piecewise --context 4096 --launches 2>&1 | tee "$OUT/bench_step_piecewise.log"

@@ -118,3 +118,38 @@ def test_compiled_tree_build_and_walk_equal_eager():
         target[:, 0] = want.token_ids[:, 0]  # the first node matches, so walks leave the root
         for a, b in zip(walk(want, target), walk_tree(want, target)):
             assert torch.equal(a, b)
+
+
+def test_piecewise_graphs_replay_the_step_with_eager_calls_between_pieces():
+    # benchmarks/harness.piecewise_graphed (bench_step --graphs piecewise): the pieces replay from
+    # their graphs, the yielded calls run eagerly in between and see the pieces' fresh outputs.
+    import functools
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from harness import drive, piecewise_graphed
+
+    x = torch.randn(64, 64, device="cuda")
+    w = torch.randn(64, 64, device="cuda")
+    eager_calls = []
+
+    def counted_sigmoid(h, out):
+        eager_calls.append(1)
+        torch.sigmoid(h, out=out)
+
+    def step():  # the calls bind their tensors now (a closure would see the generator's later ones)
+        h = x @ w
+        out = torch.empty_like(h)
+        yield functools.partial(counted_sigmoid, h, out)
+        h = out @ w + 1
+        out2 = torch.empty_like(h)
+        yield functools.partial(torch.tanh, h, out=out2)
+        return out2.sum(-1)
+
+    replay = piecewise_graphed(step)
+    x.copy_(torch.randn(64, 64, device="cuda"))  # new input: the replay must recompute every piece
+    calls_before = len(eager_calls)
+    got = replay().clone()
+    assert len(eager_calls) == calls_before + 1
+    torch.testing.assert_close(got, drive(step()))
