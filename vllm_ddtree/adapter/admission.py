@@ -20,8 +20,8 @@ def unsupported_feature(params) -> tuple[str, str] | None:
     """(parameter, message) for the first feature of ``params`` that ddtree cannot honour, else None."""
     checks = [
         # Penalties, allowed_token_ids, bad_words and min_tokens are applied at every tree node
-        # (vllm_ddtree.node_logits); vLLM itself refuses min_p and logit_bias with speculation.
-        ("prompt_logprobs", params.prompt_logprobs is not None, "prompt_logprobs"),
+        # (vllm_ddtree.node_logits), prompt logprobs come from prefill rows as without speculation;
+        # vLLM itself refuses min_p and logit_bias with speculation.
         ("min_p", params.min_p > 0.0, "min_p"),
         ("logit_bias", bool(params.logit_bias), "logit_bias"),
         ("structured_outputs", params.structured_outputs is not None, "structured outputs"),

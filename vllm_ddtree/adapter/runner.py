@@ -39,9 +39,10 @@ from vllm_ddtree.adapter.logits_processing import node_processing
 from vllm_ddtree.adapter.support import refusal
 from vllm_ddtree.budget import AcceptanceCalibration, StepCosts
 from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_tokens, paged_kv_views, plan_commit
+from vllm_ddtree.node_logits import node_processor
 from vllm_ddtree.tree import DraftTree, build_tree, empty_tree
 from vllm_ddtree.tree_attention import TreeAttentionMetadata
-from vllm_ddtree.verify import TreeSampling, verify_tree
+from vllm_ddtree.verify import TreeSampling, row_layout, verify_tree
 
 
 @dataclass
@@ -302,10 +303,6 @@ class TreeVerifier(torch.nn.Module):
         self.runner = runner
         self.state = state
         self.chain_sampler = chain_sampler  # for vLLM's profiling dummy runs, which have no trees
-        mode = chain_sampler.sampler.logprobs_mode
-        if mode not in ("raw_logprobs", "raw_logits"):
-            raise ValueError(f'speculative method ddtree returns logprobs in the raw modes only; logprobs_mode '
-                             f'{mode!r} is not supported yet: use "raw_logprobs" (the default)')
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata, *args, **kwargs):
         from vllm.v1.outputs import SamplerOutput
@@ -334,17 +331,32 @@ class TreeVerifier(torch.nn.Module):
         self._commit_kv(step, verdict.accepted_nodes)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
-            logprobs = self._logprobs(logits, first, verdict, sampling_metadata.max_num_logprobs)
+            logprobs = self._logprobs(logits, first, step.tree, verdict, sampling_metadata, processing)
         return SamplerOutput(sampled_token_ids=verdict.output_tokens.to(torch.int32), logprobs_tensors=logprobs)
 
-    def _logprobs(self, logits, first, verdict, max_num_logprobs):
+    def _logprobs(self, logits, first, tree, verdict, meta, processing):
         """Logprobs of each emitted token at the node the target sampled it from, in vLLM's layout:
-        one row per output slot ``[R * (D+1)]``; slots past the path are dropped by vLLM's parser."""
+        one row per output slot ``[R * (D+1)]``; slots past the path are dropped by vLLM's parser.
+        The processed modes process the node's row as vLLM's sampler does (its logits processors
+        with the node's path as history; unless the whole batch is greedy, then temperature and
+        top-k/top-p, vLLM's own functions)."""
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
         sampler = self.chain_sampler.sampler
+        slots = verdict.accepted_nodes.shape[1]
         node_rows = (first.unsqueeze(1) + verdict.accepted_nodes.clamp(min=0)).flatten()
-        node_logits = logits[node_rows].float()
-        values = node_logits if sampler.logprobs_mode == "raw_logits" else sampler.compute_logprobs(node_logits)
-        return sampler.gather_logprobs(values, max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
+        node_logits = logits[node_rows].to(torch.float32, copy=True)
+        if sampler.logprobs_mode.startswith("processed"):
+            if processing is not None:
+                node_processor(processing, tree, *row_layout(first, logits.shape[0], tree.max_nodes))(
+                    node_logits, node_rows)
+            if not meta.all_greedy:
+                request = torch.arange(first.shape[0], device=first.device).repeat_interleave(slots)
+                sampler.apply_temperature(node_logits, meta.temperature[request], meta.all_random)
+                node_logits = apply_top_k_top_p(node_logits, None if meta.top_k is None else meta.top_k[request],
+                                                None if meta.top_p is None else meta.top_p[request])
+        values = node_logits if sampler.logprobs_mode.endswith("logits") else sampler.compute_logprobs(node_logits)
+        return sampler.gather_logprobs(values, meta.max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
     def _commit_kv(self, step, accepted_nodes) -> None:
         caches, layout = self.state.kv_caches, self.state.kv_layout
