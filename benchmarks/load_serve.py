@@ -3,8 +3,8 @@
 The server runs ddtree (the cost-aware budget by default) on the real pair (SmolLM2-135M-Instruct +
 the project's drafter, float32 so that greedy answers compare token for token); ``--clients`` concurrent clients send ``--requests``
 requests drawn (seeded) from this mix: completions and chat, greedy and sampled, streamed and not,
-stop strings, ``max_tokens`` 1..256, requests vLLM's ddtree engine refuses on arrival (JSON mode,
-structured outputs: a 400 is the right answer; a streamed one gets vLLM's error event with code 400), clients that disconnect after the first streamed chunk, and
+stop strings, ``max_tokens`` 1..256, requests a speculative engine refuses on arrival (a logit_bias, which
+vLLM refuses with any speculative method: a 400 is the right answer; a streamed one gets vLLM's error event with code 400), clients that disconnect after the first streamed chunk, and
 clients that abort before the answer is complete. Meanwhile a monitor asks ``/health`` and
 ``/metrics`` every half second.
 
@@ -42,7 +42,7 @@ class Request:
     greedy: bool
     stream: bool = False
     stop: list[str] | None = None
-    refused: bool = False     # asks for JSON mode (structured outputs): the ddtree server must answer 400
+    refused: bool = False     # carries a logit_bias: the speculative server must answer 400
     disconnect: bool = False  # streamed; the client leaves after the first chunk
     abort_after: float | None = None  # the client gives up after this many seconds
 
@@ -54,7 +54,7 @@ class Request:
         if self.stop:
             body["stop"] = self.stop
         if self.refused:
-            body["response_format"] = {"type": "json_object"}
+            body["logit_bias"] = {"5": 1.0}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.kind == "chat":
@@ -110,7 +110,7 @@ async def send(session, url: str, model: str, request: Request) -> Result:
             if response.status != 200:
                 return Result(request, f"failed: HTTP {response.status} {(await response.text())[:200]}")
             if request.refused and not request.stream:
-                return Result(request, "failed: a JSON-mode request was served")
+                return Result(request, "failed: a request with a logit_bias was served")
             if not request.stream:
                 answer = await response.json()
                 choice = answer["choices"][0]
@@ -137,7 +137,7 @@ async def send(session, url: str, model: str, request: Request) -> Result:
                     response.close()
                     return Result(request, "disconnected")
             if request.refused:
-                return Result(request, "failed: a JSON-mode request was served")
+                return Result(request, "failed: a request with a logit_bias was served")
             return Result(request, "answered", "".join(text), tokens, time.perf_counter() - start)
     except asyncio.TimeoutError:
         if request.abort_after is not None:

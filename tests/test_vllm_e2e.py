@@ -523,9 +523,67 @@ def test_sampling_features_at_every_node_equal_no_speculation(models, reference,
         assert result.tau > 1.5
 
 
+# The tiny target favours the tokens '!' .. '*' (ids 2-11): constraints that admit them let trees go deep.
+NESTED_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["title", "items"],
+    "properties": {
+        "title": {"type": "string", "maxLength": 12},
+        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "additionalProperties": False, "required": ["tag", "ok"],
+            "properties": {"tag": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"}}}}}}
+CHOICES = ["&*'%(###", "%%%&&&", "!()!", "yes"]
+STRUCTURED = {
+    "json": StructuredOutputsParams(json=NESTED_SCHEMA),
+    "regex": StructuredOutputsParams(regex="[!#$%&'()*]{8,30}[.]"),
+    "choice": StructuredOutputsParams(choice=CHOICES),
+    "grammar": StructuredOutputsParams(grammar='root ::= "<" body ">"\nbody ::= [#$%&*()!]+'),
+}
+STRUCTURED_ENGINE = dict(structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})  # bounded JSON
+
+
+def _structured_params():
+    kinds = ["json", None, "regex", "choice", "grammar", None, "json", "regex"]
+    return kinds, [SamplingParams(temperature=0, max_tokens=160, structured_outputs=STRUCTURED[k]) if k else GREEDY
+                   for k in kinds]
+
+
+@pytest.fixture(scope="module")
+def structured_reference(models, reference):
+    kinds, params = _structured_params()
+    tokens = generate(models, PROMPTS, params, **STRUCTURED_ENGINE)[0]
+    for i, kind in enumerate(kinds):
+        assert (tokens[i] != reference[i]) == (kind is not None), (kind, i)
+    return tokens
+
+
+@pytest.mark.parametrize("budget", [4, 64])
+def test_structured_outputs_equal_no_speculation(models, structured_reference, budget):
+    # JSON schema (nested objects and arrays), regex, choice and grammar requests in one batch with
+    # plain ones: every answer equals the engine's without speculation. At B = 64 trees go deep
+    # inside the constrained answers (strings, repetitions), so grammar rows below the root matter.
+    kinds, params = _structured_params()
+    result = run(models, PROMPTS, params, spec={"method": "ddtree", "num_speculative_tokens": budget},
+                 **STRUCTURED_ENGINE)
+    assert result.tokens == structured_reference
+    texts = [o.outputs[0].text for o in result.outputs]
+    assert json.loads(texts[0])["items"] and texts[3] in CHOICES
+    if budget >= 10:
+        assert result.tau > 1.5
+
+
+def test_structured_outputs_stay_valid_for_every_sampled_request(models):
+    # 256 sampled requests (T = 1) under one JSON schema: every answer parses and fits the schema.
+    params = SamplingParams(temperature=1.0, max_tokens=160, structured_outputs=STRUCTURED["json"])
+    result = run(models, [PROMPTS[i % len(PROMPTS)] for i in range(256)], params,
+                 spec={"method": "ddtree", "num_speculative_tokens": 16}, **STRUCTURED_ENGINE)
+    assert result.target_steps > 0
+    for output in result.outputs:
+        answer = json.loads(output.outputs[0].text)
+        assert set(answer) == {"title", "items"} and len(answer["title"]) <= 12 and 1 <= len(answer["items"]) <= 3
+        assert all(set(item) == {"tag", "ok"} and isinstance(item["ok"], bool) for item in answer["items"])
+
+
 @pytest.mark.parametrize("params,message", [
-    (SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
-     "ddtree does not support structured outputs yet"),
     (SamplingParams(max_tokens=4, min_p=0.1), "min_p .* not yet supported with speculative decoding"),  # vLLM's own
 ])
 def test_unsupported_request_features_are_refused_on_arrival(models, params, message):
@@ -535,6 +593,17 @@ def test_unsupported_request_features_are_refused_on_arrival(models, params, mes
 
     # The engine survives the refusal and keeps serving.
     result = run(models, ["alpha"], spec={"method": "ddtree", "num_speculative_tokens": 4}, before=refused)
+    assert len(result.tokens[0][0]) == 40
+
+
+def test_structured_outputs_with_a_reasoning_parser_are_refused_on_arrival(models):
+    def refused(llm):
+        with pytest.raises(VLLMValidationError, match="structured outputs on an engine with a reasoning parser"):
+            llm.generate(["alpha"], SamplingParams(max_tokens=4, structured_outputs=STRUCTURED["regex"]),
+                         use_tqdm=False)
+
+    result = run(models, ["alpha"], spec={"method": "ddtree", "num_speculative_tokens": 4}, before=refused,
+                 structured_outputs_config={"reasoning_parser": "deepseek_r1"})
     assert len(result.tokens[0][0]) == 40
 
 

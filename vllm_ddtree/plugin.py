@@ -38,10 +38,12 @@ def register() -> None:
         if compat.config_front_door_works():
             config.refuse(message)
         return
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_ddtree.adapter import admission, runner
+    from vllm_ddtree.adapter import admission, runner, structured_outputs
 
     config.apply()
     runner.install(GPUModelRunner)
+    structured_outputs.install(Scheduler)
     admission.apply()

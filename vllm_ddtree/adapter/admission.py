@@ -16,15 +16,20 @@ from vllm_ddtree.adapter.config import is_ddtree
 _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflash"'
 
 
-def unsupported_feature(params) -> tuple[str, str] | None:
-    """(parameter, message) for the first feature of ``params`` that ddtree cannot honour, else None."""
+def unsupported_feature(params, reasoning_parser: str = "") -> tuple[str, str] | None:
+    """(parameter, message) for the first feature of ``params`` that ddtree cannot honour on an engine
+    with ``reasoning_parser`` (vLLM's ``--reasoning-parser``), else None."""
     checks = [
         # Penalties, allowed_token_ids, bad_words and min_tokens are applied at every tree node
-        # (vllm_ddtree.node_logits), prompt logprobs come from prefill rows as without speculation;
-        # vLLM itself refuses min_p and logit_bias with speculation.
+        # (vllm_ddtree.node_logits), prompt logprobs come from prefill rows as without speculation,
+        # structured outputs get a grammar row per node (adapter/structured_outputs.py); vLLM itself
+        # refuses min_p and logit_bias with speculation.
         ("min_p", params.min_p > 0.0, "min_p"),
         ("logit_bias", bool(params.logit_bias), "logit_bias"),
-        ("structured_outputs", params.structured_outputs is not None, "structured outputs"),
+        # With a reasoning parser a grammar starts wherever the reasoning ends, which in a tree
+        # differs from branch to branch.
+        ("structured_outputs", params.structured_outputs is not None and bool(reasoning_parser),
+         f"structured outputs on an engine with a reasoning parser ({reasoning_parser!r})"),
         ("thinking_token_budget", getattr(params, "thinking_token_budget", None) is not None,
          "thinking_token_budget"),
     ]
@@ -60,7 +65,7 @@ def _hook_instance(processor) -> None:
     def _validate_params(params, *args, **kwargs):
         result = original(params, *args, **kwargs)
         if isinstance(params, SamplingParams):
-            refused = unsupported_feature(params)
+            refused = unsupported_feature(params, processor.vllm_config.structured_outputs_config.reasoning_parser)
             if refused is not None:
                 raise VLLMValidationError(refused[1], parameter=refused[0])
         return result

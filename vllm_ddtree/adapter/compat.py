@@ -40,6 +40,17 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache": (
         "self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_draft_token_ids_cpu": ("self",),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
+    # structured outputs (structured_outputs.py)
+    "vllm.v1.outputs.DraftTokenIds": ("req_ids", "draft_token_ids"),
+    "vllm.v1.core.sched.scheduler.Scheduler.__init__": (
+        "self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size", "hash_block_size",
+        "mm_registry", "include_finished_set", "log_stats"),
+    "vllm.v1.core.sched.scheduler.Scheduler.update_draft_token_ids": ("self", "draft_token_ids"),
+    "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": ("self", "request", "spec_tokens"),
+    "vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask": (
+        "self", "requests", "structured_output_request_ids", "scheduled_spec_decode_tokens"),
+    "vllm.v1.structured_output.StructuredOutputManager._fill_bitmasks": ("self", "batch"),
     # timed for the cost-aware budget's step costs (step_costs.py)
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run": (
         "self", "num_tokens", "cudagraph_runtime_mode", "force_attention", "uniform_decode", "allow_microbatching",

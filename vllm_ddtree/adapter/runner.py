@@ -17,7 +17,9 @@ hooked per instance:
   noted for the commit. What the tree path cannot serve is refused here, at engine start. A
   cost-aware engine also gets its step costs here (:mod:`~vllm_ddtree.adapter.step_costs`);
 * ``_get_draft_token_ids_cpu``: vLLM's own host conversion of the drafts hands the scheduler each
-  request's nodes up to its first -1 (the nodes the budget did not keep).
+  request's nodes up to its first -1 (the nodes the budget did not keep);
+* ``take_draft_token_ids``: in a batch with structured outputs the drafts go to the scheduler with
+  their parents (:mod:`~vllm_ddtree.adapter.structured_outputs`).
 
 :class:`DDTreeState` is the runner's own ddtree state: the trees the last step drafted (consumed by
 the next step, so a step whose drafter did not run leaves none behind), the step in flight, and the
@@ -36,6 +38,7 @@ from vllm_ddtree.adapter import cpu_attention
 from vllm_ddtree.adapter.attention_hook import TREE_METADATA, hook_target_layer
 from vllm_ddtree.adapter.config import is_ddtree
 from vllm_ddtree.adapter.logits_processing import node_processing
+from vllm_ddtree.adapter.structured_outputs import with_parents
 from vllm_ddtree.adapter.support import refusal
 from vllm_ddtree.budget import AcceptanceCalibration, StepCosts
 from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_tokens, paged_kv_views, plan_commit
@@ -78,6 +81,7 @@ class DDTreeState:
         self.probe_interval = PROBE_INTERVAL
         self.reserved = False  # the profiling run's tree step (GPU) ran
         self.drafted: tuple[DraftTree, list[str]] | None = None
+        self.structured_outputs = False  # the step's batch has structured-output requests
         self.step: StepTrees | None = None
         self.pending_attention: TreeAttentionMetadata | None = None
         self.target_layers: dict[str, object] = {}
@@ -138,10 +142,12 @@ def _hook_instance(runner, state: DDTreeState) -> None:
         torch.cpu._init_amx()
     runner.rejection_sampler = TreeVerifier(runner, state, runner.rejection_sampler)
     prepare, build, init_kv = runner._prepare_inputs, runner._build_attention_metadata, runner.initialize_kv_cache
-    draft_lists = runner._get_draft_token_ids_cpu
+    draft_lists, take_drafts = runner._get_draft_token_ids_cpu, runner.take_draft_token_ids
 
     def _prepare_inputs(*args, **kwargs):
         out = prepare(*args, **kwargs)
+        scheduler_output = kwargs["scheduler_output"] if "scheduler_output" in kwargs else args[0]
+        state.structured_outputs = scheduler_output.has_structured_output_requests
         prepare_tree_step(runner, state, out[1])
         return out
 
@@ -171,10 +177,19 @@ def _hook_instance(runner, state: DDTreeState) -> None:
         lists, req_ids = draft_lists(*args, **kwargs)
         return [ids[: ids.index(-1)] if -1 in ids else ids for ids in lists], req_ids
 
+    def take_draft_token_ids(*args, **kwargs):
+        # A batch with structured outputs: the scheduler builds their grammar rows per node, so the
+        # drafts go with their parents (read after vLLM's own sync of the drafts, one copy).
+        drafts = take_drafts(*args, **kwargs)
+        if drafts is None or not state.structured_outputs or state.drafted is None:
+            return drafts
+        return with_parents(drafts, state.drafted[0].parents.tolist())
+
     runner._prepare_inputs = _prepare_inputs
     runner._build_attention_metadata = _build_attention_metadata
     runner.initialize_kv_cache = initialize_kv_cache
     runner._get_draft_token_ids_cpu = _get_draft_token_ids_cpu
+    runner.take_draft_token_ids = take_draft_token_ids
 
 
 def attach_target_layers(runner, state: DDTreeState) -> None:
