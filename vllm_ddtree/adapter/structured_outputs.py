@@ -130,7 +130,10 @@ def fill_tree_rows(manager, grammar, req_id: str, tokens: list[int], parents: li
         while path and path[-1] != parent:
             path.pop()
             grammar.rollback(1)
-        reachable = not grammar.is_terminated() and grammar.accept_tokens(req_id, [tokens[node - 1]])
+        token = tokens[node - 1]
+        # validate_tokens first: a backend's accept_tokens logs every rejection as an error, and
+        # rejected drafts are routine in a tree (vLLM's chain validates its drafts the same way).
+        reachable = grammar.validate_tokens([token]) == [token] and grammar.accept_tokens(req_id, [token])
         if reachable:
             path.append(node)
             manager._fill_bitmasks(((grammar, start + node, True),))
