@@ -10,10 +10,11 @@ dflash chain on that drafter.
 import os
 import sys
 
+import pytest
 import torch
 
 from vllm_ddtree.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features, slot_weights,
-                                      spread_layer_ids, train_drafter)
+                                      spread_layer_ids, teacher_states, train_drafter)
 
 
 def test_block_layout_and_mask():
@@ -58,7 +59,7 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     assert names(prompts) & names(evaluation[:164]) == set(EVALUATION_NAME_OVERLAP)
 
 
-def _train_tiny_drafter(target_dir: str, device: str, steps: int = 75):
+def _train_tiny_drafter(target_dir: str, device: str, steps: int = 75, distill: float = 0.0):
     """The tiny target on ``device``, its own greedy text, and drafters trained on it for 0 and ``steps`` steps."""
     from tiny_models import BLOCK_SIZE, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, TARGET_LAYER_IDS, TARGET_LAYERS, VOCAB
     from transformers import AutoModelForCausalLM
@@ -79,7 +80,8 @@ def _train_tiny_drafter(target_dir: str, device: str, steps: int = 75):
     target.to(device)
     features = extract_features(target, sequences, TARGET_LAYER_IDS)
     untrained = train_drafter(target, sequences, config, steps=0, features=features)
-    drafter = train_drafter(target, sequences, config, steps=steps, sequences_per_step=2, features=features)
+    drafter = train_drafter(target, sequences, config, steps=steps, sequences_per_step=2, features=features,
+                            distill=distill)
     return target, sequences, features, untrained, drafter
 
 
@@ -95,6 +97,36 @@ def test_trainer_learns_on_the_targets_device(tmp_path, device):
     assert quality["chain_tau"] >= 4.0 and len(quality["slot_accuracy"]) == BLOCK_SIZE - 1
     drafter.save(str(tmp_path / "saved"))  # from any device to a CPU checkpoint
     assert os.path.isfile(tmp_path / "saved" / "model.safetensors")
+
+
+def _kl_to_target(drafter, target, sequences, features):
+    """Mean KL(target || drafter) over every slot of blocks at every response position: calibration."""
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    teacher, S, total = teacher_states(target, sequences), drafter.c.block_size, []
+    with torch.no_grad():
+        for (tokens, prompt_len), feats, final in zip(sequences, features, teacher):
+            anchors = torch.arange(max(prompt_len - 1, 1), len(tokens) - S + 1)
+            block_tokens, positions, _, mask = block_batch(tokens, len(tokens), anchors, S, drafter.c.mask_token_id)
+            logp = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens)), mask)).log_softmax(-1)
+            target_logp = head(final[positions - 1]).log_softmax(-1)
+            kl = (target_logp.exp() * (target_logp - logp)).sum(-1).view(-1, S)[:, 1:]
+            total.append(kl.flatten())
+    return torch.cat(total).mean().item()
+
+
+def test_distilled_drafter_follows_the_targets_distribution(tmp_path):
+    # Issue 16's first lever: the cross-entropy to the target's softmax (distill = 1) against the one to
+    # its greedy token, same data, steps and seed. Both draft the greedy text; the distilled drafter's
+    # distributions are closer to the target's, which is what a tree's node selection reads.
+    from tiny_models import write_target
+
+    target_dir = write_target(str(tmp_path / "t"), head_scale=0.5)  # a target with real uncertainty
+    target, sequences, features, _, hard = _train_tiny_drafter(target_dir, "cpu", steps=60)
+    *_, soft = _train_tiny_drafter(target_dir, "cpu", steps=60, distill=1.0)
+    assert evaluate_drafter(soft, target, sequences, features)["chain_tau"] >= 2.0
+    assert _kl_to_target(soft, target, sequences, features) < 0.8 * _kl_to_target(hard, target, sequences, features)
+    with pytest.raises(ValueError, match=r"distill must be in \[0, 1\]"):
+        train_drafter(target, sequences, soft.c, steps=1, features=features, distill=1.5)
 
 
 def test_trained_drafter_drafts_in_vllm(tmp_path):

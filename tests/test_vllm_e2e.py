@@ -445,15 +445,39 @@ def _homogeneity_p(a, b):
 TP_SCRIPT = """
 import json, sys
 from vllm import SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
 from vllm_ddtree.engine_runs import run_engine
 if __name__ == "__main__":
     target, drafter, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    result = run_engine(target, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-                        {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}, dtype="float32",
-                        gpu_memory_utilization=0.5, max_model_len=512, seed=0, enforce_eager=True,
-                        tensor_parallel_size=2)
+    structured = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None  # per prompt: None or its constraint
+    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16}
+    engine = {}
+    if structured is None:
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    else:
+        params = [SamplingParams(temperature=0, max_tokens=160, structured_outputs=StructuredOutputsParams(**c))
+                  if c else SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) for c in structured]
+        spec["ddtree_budget"] = "fixed"
+        engine["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    result = run_engine(target, prompts, params, spec, dtype="float32", gpu_memory_utilization=0.5,
+                        max_model_len=512, seed=0, enforce_eager=True, tensor_parallel_size=2, **engine)
     print("TOKENS" + json.dumps(result.tokens))
 """
+
+
+def _run_tp_script(tmp_path, target, drafter, *args):
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1")
+    run = subprocess.run([sys.executable, str(script), target, drafter, json.dumps(PROMPTS), *args],
+                         capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
+    assert lines, run.stderr[-3000:]
+    return json.loads(lines[0][len("TOKENS"):])
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -461,21 +485,17 @@ def test_tensor_parallel_greedy_equals_no_speculation(models, reference, moe_tar
     # Two CPU workers, one core each (the CPU build binds one NUMA node per worker by default), with
     # the default (cost-aware) budget timed at start on both ranks; a MoE target's experts are
     # sharded by tensor parallelism. Compared with one unsharded engine without speculation.
-    import json
-    import subprocess
-    import sys
-
     target = moe_target if moe else models[0]
     expected = generate((target, models[1]))[0] if moe else reference
-    script = tmp_path / "tp.py"
-    script.write_text(TP_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1")
-    run = subprocess.run([sys.executable, str(script), target, models[1], json.dumps(PROMPTS)], capture_output=True,
-                         text=True, timeout=600, env=env)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
-    assert lines, run.stderr[-3000:]
-    assert json.loads(lines[0][len("TOKENS"):]) == expected
+    assert _run_tp_script(tmp_path, target, models[1]) == expected
+
+
+def test_tensor_parallel_structured_outputs_equal_no_speculation(models, structured_reference, tmp_path):
+    # Structured outputs under tensor parallelism: the drafts' parents travel from the worker
+    # processes to the engine core (pickled), which fills the grammar rows; answers as one unsharded
+    # engine without speculation gives them.
+    constraints = [STRUCTURED[k] if k else None for k in _structured_params()[0]]
+    assert _run_tp_script(tmp_path, models[0], models[1], json.dumps(constraints)) == structured_reference
 
 
 def _feature_params(models, reference):
@@ -532,18 +552,22 @@ NESTED_SCHEMA = {
             "type": "object", "additionalProperties": False, "required": ["tag", "ok"],
             "properties": {"tag": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"}}}}}}
 CHOICES = ["&*'%(###", "%%%&&&", "!()!", "yes"]
-STRUCTURED = {
-    "json": StructuredOutputsParams(json=NESTED_SCHEMA),
-    "regex": StructuredOutputsParams(regex="[!#$%&'()*]{8,30}[.]"),
-    "choice": StructuredOutputsParams(choice=CHOICES),
-    "grammar": StructuredOutputsParams(grammar='root ::= "<" body ">"\nbody ::= [#$%&*()!]+'),
-}
+STRUCTURED_REGEX = "[!#$%&'()*]{8,30}[.]"
+STRUCTURED_GRAMMAR = 'root ::= "<" body ">"\nbody ::= [#$%&*()!]+'
+# Constraints as StructuredOutputsParams' arguments: an engine writes its backend into the params
+# object it is given, so every request gets a fresh one (structured()).
+STRUCTURED = {"json": {"json": NESTED_SCHEMA}, "regex": {"regex": STRUCTURED_REGEX}, "choice": {"choice": CHOICES},
+              "grammar": {"grammar": STRUCTURED_GRAMMAR}}
+
+
+def structured(kind: str) -> StructuredOutputsParams:
+    return StructuredOutputsParams(**STRUCTURED[kind])
 STRUCTURED_ENGINE = dict(structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})  # bounded JSON
 
 
 def _structured_params():
     kinds = ["json", None, "regex", "choice", "grammar", None, "json", "regex"]
-    return kinds, [SamplingParams(temperature=0, max_tokens=160, structured_outputs=STRUCTURED[k]) if k else GREEDY
+    return kinds, [SamplingParams(temperature=0, max_tokens=160, structured_outputs=structured(k)) if k else GREEDY
                    for k in kinds]
 
 
@@ -573,7 +597,7 @@ def test_structured_outputs_equal_no_speculation(models, structured_reference, b
 
 def test_structured_outputs_stay_valid_for_every_sampled_request(models):
     # 256 sampled requests (T = 1) under one JSON schema: every answer parses and fits the schema.
-    params = SamplingParams(temperature=1.0, max_tokens=160, structured_outputs=STRUCTURED["json"])
+    params = SamplingParams(temperature=1.0, max_tokens=160, structured_outputs=structured("json"))
     result = run(models, [PROMPTS[i % len(PROMPTS)] for i in range(256)], params,
                  spec={"method": "ddtree", "num_speculative_tokens": 16}, **STRUCTURED_ENGINE)
     assert result.target_steps > 0
@@ -599,7 +623,7 @@ def test_unsupported_request_features_are_refused_on_arrival(models, params, mes
 def test_structured_outputs_with_a_reasoning_parser_are_refused_on_arrival(models):
     def refused(llm):
         with pytest.raises(VLLMValidationError, match="structured outputs on an engine with a reasoning parser"):
-            llm.generate(["alpha"], SamplingParams(max_tokens=4, structured_outputs=STRUCTURED["regex"]),
+            llm.generate(["alpha"], SamplingParams(max_tokens=4, structured_outputs=structured("regex")),
                          use_tqdm=False)
 
     result = run(models, ["alpha"], spec={"method": "ddtree", "num_speculative_tokens": 4}, before=refused,

@@ -10,7 +10,10 @@ Qwen3 decoder layers whose attention sees the context before the anchor and the 
 anchor + k. The target's embedding and LM head are shared and frozen.
 
 Training: random anchors in the target's own greedy responses, slot k's label is the token at
-anchor + k (what verification will check), weight ``exp(-(k-1)/decay)`` on later slots.
+anchor + k (what verification will check), weight ``exp(-(k-1)/decay)`` on later slots. With
+``distill`` > 0 the loss mixes in the cross-entropy to the target's own distribution for that token
+(its softmax at position anchor + k - 1, from its final hidden states and frozen LM head): trees pick
+nodes by the drafter's probabilities, so their calibration matters as much as the top-1 token.
 """
 
 from __future__ import annotations
@@ -205,6 +208,16 @@ def extract_features(target, sequences, layer_ids) -> list[torch.Tensor]:
     return feats
 
 
+def teacher_states(target, sequences) -> list[torch.Tensor]:
+    """The target's final (normed) hidden states ``[T, H]`` of each sequence: its LM head turns row p
+    into its distribution for the token at p + 1 (the teacher of :func:`train_drafter`'s ``distill``)."""
+    target.eval().requires_grad_(False)
+    device = target.get_input_embeddings().weight.device
+    with torch.no_grad():
+        return [target(tokens.to(device).unsqueeze(0), output_hidden_states=True).hidden_states[-1][0]
+                for tokens, _ in sequences]
+
+
 def _on(device, *tensors):
     # Blocks are laid out on the host (small index work), then moved once per sequence.
     return [t.to(device, non_blocking=True) for t in tensors]
@@ -218,16 +231,23 @@ def _autocast(features: list[torch.Tensor]):
 
 def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_per_step: int = 16,
                   lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0,
-                  sequences_per_step: int = 1, features: list[torch.Tensor] | None = None) -> DFlashDrafter:
+                  sequences_per_step: int = 1, features: list[torch.Tensor] | None = None,
+                  distill: float = 0.0, teacher: list[torch.Tensor] | None = None) -> DFlashDrafter:
     """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
     the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
     Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences.
+    ``distill`` in [0, 1] weighs the cross-entropy to the target's distribution against the one to its
+    greedy token (``teacher``: :func:`teacher_states`, computed if not given).
     The drafter trains on the target's device (a GPU when the target is on one)."""
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {distill}")
     torch.manual_seed(seed)
     target.eval().requires_grad_(False)
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     if features is None:
         features = extract_features(target, sequences, config.target_layer_ids)
+    if distill and teacher is None:
+        teacher = teacher_states(target, sequences)
     device = embed.weight.device
     drafter = DFlashDrafter(config)
     for name, p in drafter.named_parameters():
@@ -254,6 +274,11 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
                                  torch.arange(len(tokens), device=device), mask)
                 logits = head(hidden)
             loss_per = F.cross_entropy(logits.float(), labels.flatten(), reduction="none").view(-1, S)
+            if distill:
+                with torch.no_grad(), _autocast(features):  # the target's softmax for each slot's token
+                    soft = head(teacher[i][(positions - 1).clamp(min=0)]).float().softmax(-1)
+                soft_loss = -(soft * logits.float().log_softmax(-1)).sum(-1).view(-1, S)
+                loss_per = (1 - distill) * loss_per + distill * soft_loss
             loss = loss + (loss_per * weights).sum() / (weights.sum() * len(anchors) * sequences_per_step)
         opt.zero_grad()
         loss.backward()
@@ -294,4 +319,4 @@ def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_an
 
 
 __all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "evaluate_drafter", "extract_features",
-           "slot_weights", "spread_layer_ids", "train_drafter"]
+           "slot_weights", "spread_layer_ids", "teacher_states", "train_drafter"]

@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--drafter-layers", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight of the cross-entropy to the target's distribution (0 = greedy tokens only)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="the target's dtype for the data and features (bf16 uses the CPU's AMX units)")
     parser.add_argument("--device", default=None,
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     drafter = train_drafter(target, train, config, steps=args.steps, anchors_per_step=args.anchors,
                             sequences_per_step=args.sequences_per_step, lr=args.lr, features=features,
-                            log_every=100)
+                            log_every=100, distill=args.distill)
     print(f"training: {time.time() - t0:.0f} s", flush=True)
     quality = evaluate_drafter(drafter, target, held_out, held_out_features)
     print(f"held-out: chain tau {quality['chain_tau']:.2f}, slot accuracy "
