@@ -9,9 +9,8 @@ instance-level ``_validate_params`` that adds the check; other engines keep vLLM
 
 from __future__ import annotations
 
-import functools
 
-from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflash"'
 
@@ -42,18 +41,7 @@ def unsupported_feature(params, reasoning_parser: str = "") -> tuple[str, str] |
 def apply() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    original_init = InputProcessor.__init__
-    if getattr(original_init, "_ddtree_hook", False):
-        return
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        if is_ddtree(self.vllm_config.speculative_config):
-            _hook_instance(self)
-
-    __init__._ddtree_hook = True
-    InputProcessor.__init__ = __init__
+    hook_ddtree_instances(InputProcessor, _hook_instance)
 
 
 def _hook_instance(processor) -> None:

@@ -43,6 +43,23 @@ OPTIONS = {
 }
 
 
+def hook_ddtree_instances(cls, hook_instance) -> None:
+    """A class-level hook on ``cls.__init__`` (idempotent): an instance built for a ddtree config
+    (``self.vllm_config``) gets ``hook_instance(self)`` after construction; any other is untouched."""
+    original_init = cls.__init__
+    if getattr(original_init, "_ddtree_hook", False):
+        return
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if is_ddtree(self.vllm_config.speculative_config):
+            hook_instance(self)
+
+    __init__._ddtree_hook = True
+    cls.__init__ = __init__
+
+
 def apply() -> None:
     """Makes ``"ddtree"`` a working method, with its options (idempotent)."""
     _accept_method(_build_ddtree, OPTIONS)

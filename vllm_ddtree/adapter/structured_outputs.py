@@ -22,12 +22,11 @@ structured requests on such an engine.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from vllm.v1.outputs import DraftTokenIds
 
-from vllm_ddtree.adapter.config import is_ddtree
+from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 
 @dataclass
@@ -47,18 +46,7 @@ def with_parents(draft_token_ids, parents: list[list[int]]) -> TreeDraftTokenIds
 def install(scheduler_cls) -> None:
     """The class-level hook on ``scheduler_cls.__init__`` (idempotent); ddtree schedulers get
     per-instance hooks, any other runs vLLM's code untouched."""
-    if getattr(scheduler_cls.__init__, "_ddtree_hook", False):
-        return
-    original_init = scheduler_cls.__init__
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        if is_ddtree(self.vllm_config.speculative_config):
-            _hook_instance(self)
-
-    __init__._ddtree_hook = True
-    scheduler_cls.__init__ = __init__
+    hook_ddtree_instances(scheduler_cls, _hook_instance)
 
 
 def _hook_instance(scheduler) -> None:
