@@ -17,7 +17,7 @@ with ddtree's sampler: with a one-hot draft, accepting a draft token when the ta
 it is what rejection sampling does, so its tau is the chain's. Use it for sampled rows on vLLM's CPU
 build, whose chain rejection sampler is not lossless (its T = 1 output is noise that never stops).
 
-Usage: ``python benchmarks/bench_acceptance.py --drafter drafters/smollm2-dflash-b16 [--limit N]``
+Usage: ``python benchmarks/bench_acceptance.py --drafter drafters/smollm2-dflash-b8 [--limit N]``
 (``--limit`` takes the first N prompts of each set; ``--target`` defaults to SmolLM2-135M-Instruct).
 """
 

@@ -22,7 +22,7 @@ PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
 ]
 DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters",
-                               "smollm2-dflash-b16")
+                               "smollm2-dflash-b8")
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.drafter, "config.json")):
-        print(f"error: no drafter at {args.drafter} (the repository ships drafters/smollm2-dflash-b16)", file=sys.stderr)
+        print(f"error: no drafter at {args.drafter} (the repository ships drafters/smollm2-dflash-b8)", file=sys.stderr)
         return 1
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
