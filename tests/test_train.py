@@ -44,11 +44,8 @@ def test_engine_walk_and_tree_acceptance():
 
     # Accepted tokens per step at positions 0..5: the engine steps 0 -> 3 -> 4 -> 6 (three steps, six
     # tokens); the mean over all anchors (13 / 6) would overstate the tokens per step.
-    totals = [0, 0]
-    _walk(torch.tensor([3, 1, 1, 1, 2, 5]), totals)
-    assert totals == [6, 3]
-    _walk(torch.tensor([1, 4]), totals)  # a step past the end counts the tokens up to it
-    assert totals == [8, 5]
+    assert _walk(torch.tensor([3, 1, 1, 1, 2, 5])) == (6, 3)
+    assert _walk(torch.tensor([1, 4])) == (2, 2)  # a step past the end counts the tokens up to it
 
     # Root 7 (the anchor); nodes 1: 8 (depth 1), 2: 9 (depth 1), 3: 10 under node 2, 4: 11 under node 1,
     # 5: 12 under node 4; unused slot -1.

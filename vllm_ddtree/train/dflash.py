@@ -168,11 +168,11 @@ def load_drafter(folder: str) -> DFlashDrafter:
     drafter = DFlashDrafter(DrafterConfig(**fields, target_layer_ids=dflash["target_layer_ids"],
                                           mask_token_id=dflash["mask_token_id"]))
     weights = load_file(os.path.join(folder, "model.safetensors"))
-    state = drafter.checkpoint_state()
-    if set(weights) != set(state):
-        raise ValueError(f"{folder}: weights {sorted(set(weights) ^ set(state))} do not match its config.json")
+    parameters = _checkpoint_parameters(drafter)
+    if set(weights) != set(parameters):
+        raise ValueError(f"{folder}: weights {sorted(set(weights) ^ set(parameters))} do not match its config.json")
     with torch.no_grad():
-        for name, tensor in _checkpoint_parameters(drafter).items():
+        for name, tensor in parameters.items():
             tensor.copy_(weights[name].float())
     return drafter
 
@@ -323,7 +323,7 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
             on_save(step, drafter)
 
     S = config.block_size
-    usable = [i for i, (t, p) in enumerate(sequences) if _anchor_range(t, p, S)[1] >= _anchor_range(t, p, S)[0]]
+    usable = [i for i, (t, p) in enumerate(sequences) if (span := _anchor_range(t, p, S))[1] >= span[0]]
     for step in range(first_step, steps):
         loss = 0.0
         for _ in range(sequences_per_step):
@@ -381,7 +381,7 @@ def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_an
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     device = embed.weight.device
     S = drafter.c.block_size
-    correct, chain, tree, walks = [], [], [], {"chain": [0, 0], "tree": [0, 0]}
+    correct, accepted = [], {"chain": [], "tree": []}  # tokens a step accepts per anchor, per response
     for (tokens, prompt_len), feats in zip(sequences, features):
         lo, hi = _anchor_range(tokens, prompt_len, S)
         if hi < lo:
@@ -400,30 +400,30 @@ def evaluate_drafter(drafter: DFlashDrafter, target, sequences, features, max_an
             seq_chain.append(1 + hits.int().cumprod(1).sum(1))
             if tree_budget:
                 seq_tree.append(1 + _tree_accepted_depth(build_tree(logits[:, 1:], tree_budget), labels).long())
-        for name, accepted in (("chain", seq_chain), ("tree", seq_tree)):
-            if accepted:
-                accepted = torch.cat(accepted).cpu()
-                (chain if name == "chain" else tree).append(accepted)
-                if max_anchors is None:
-                    _walk(accepted, walks[name])
+        accepted["chain"].append(torch.cat(seq_chain).cpu())
+        if tree_budget:
+            accepted["tree"].append(torch.cat(seq_tree).cpu())
     quality = {"slot_accuracy": torch.cat(correct).float().mean(0).tolist()}
-    for name, accepted in (("chain", chain), ("tree", tree)):
-        if accepted:
-            tokens_, steps = walks[name]
-            quality[f"{name}_tau"] = tokens_ / steps if max_anchors is None else torch.cat(accepted).float().mean().item()
+    for name, responses in accepted.items():
+        if not responses:
+            continue
+        if max_anchors is None:
+            tokens_, steps = (sum(column) for column in zip(*map(_walk, responses)))
+            quality[f"{name}_tau"] = tokens_ / steps
+        else:
+            quality[f"{name}_tau"] = torch.cat(responses).float().mean().item()
     return quality
 
 
-def _walk(accepted: torch.Tensor, totals: list[int]) -> None:
-    """Steps the engine takes through one response: from the first anchor, each step commits what it
-    accepts there (``accepted[i]``: at the i-th position from the first anchor); adds tokens and steps."""
+def _walk(accepted: torch.Tensor) -> tuple[int, int]:
+    """Tokens and steps of the engine through one response: from the first anchor, each step commits
+    what it accepts there (``accepted[i]``: at the i-th position from the first anchor)."""
     position, steps = 0, 0
     accepted = accepted.tolist()
     while position < len(accepted):
         position += accepted[position]
         steps += 1
-    totals[0] += min(position, len(accepted))
-    totals[1] += steps
+    return min(position, len(accepted)), steps
 
 
 def _tree_accepted_depth(tree, labels: torch.Tensor) -> torch.Tensor:

@@ -273,8 +273,8 @@ def _cached(path: str | None, key, compute):
     """``compute()``, kept in ``path`` under ``key`` and reused while the key matches."""
     if path and os.path.isfile(path):  # mapped, not read: runs sharing a features cache share its pages
         cached = torch.load(path, weights_only=False, mmap=True)
-        if cached["key"] == key:
-            return cached["value"]
+        if cached["key"] == key:  # the answer caches of earlier recipes name their value "sequences"
+            return cached["value"] if "value" in cached else cached["sequences"]
     value = compute()
     if path:
         torch.save({"key": key, "value": value}, path + ".tmp")
@@ -283,12 +283,8 @@ def _cached(path: str | None, key, compute):
 
 
 def _cached_answers(path, target_dir, prompts, new_tokens, dtype, temperature: float = 0.0):
-    key = _answers_key(prompts, new_tokens, dtype, temperature)
-    if path and os.path.isfile(path):  # the greedy caches of earlier recipes: {"key", "sequences"}
-        cached = torch.load(path, weights_only=False)
-        if cached["key"] == key and "sequences" in cached:
-            return cached["sequences"]
-    return _cached(path, key, lambda: _target_answers(target_dir, prompts, new_tokens, dtype, temperature))
+    return _cached(path, _answers_key(prompts, new_tokens, dtype, temperature),
+                   lambda: _target_answers(target_dir, prompts, new_tokens, dtype, temperature))
 
 
 def _target_answers(target_dir: str, prompts: list[str], new_tokens: int, dtype: str, temperature: float = 0.0):
