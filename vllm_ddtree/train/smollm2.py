@@ -202,12 +202,13 @@ def main(argv=None) -> int:
                                                       or tc.rope_parameters["rope_theta"]),
         max_position_embeddings=tc.max_position_embeddings)
     t0 = time.time()
-    teacher_top = TEACHER_TOP if args.distill else 0
+    # The teacher is taken whatever --distill says (it is nearly free in the same pass), so that runs
+    # with and without distillation share one features cache.
     features_key = {"answers": {T: _answers_key(prompts, args.new_tokens, args.dtype, T) for T in answers},
-                    "layers": config.target_layer_ids, "teacher_top": teacher_top}
+                    "layers": config.target_layer_ids, "teacher_top": TEACHER_TOP}
     features, teacher, held_out_features = _cached(
         args.features_cache, features_key,
-        lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, teacher_top),
+        lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, TEACHER_TOP),
                  extract_features_and_teacher(target, held_out, config.target_layer_ids, 0)[0]))
     timings["features_s"] = round(time.time() - t0)
     print(f"features: {timings['features_s']} s", flush=True)
