@@ -427,16 +427,12 @@ def _walk(accepted: torch.Tensor) -> tuple[int, int]:
 
 
 def _tree_accepted_depth(tree, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the depth of the deepest node whose path equals ``labels[:, 1:]`` (greedy verification)."""
-    R, B = tree.token_ids.shape
-    on_path = torch.zeros(R, B + 1, dtype=torch.bool, device=labels.device)
-    on_path[:, 0] = True  # the root: the anchor, already committed
-    for j in range(B):  # parents precede their children in node order
-        depth = tree.depths[:, j].long()
-        on_path[:, j + 1] = on_path.gather(1, tree.parents[:, j : j + 1].long())[:, 0] & \
-            (tree.token_ids[:, j] == labels.gather(1, depth.clamp(max=labels.shape[1] - 1)[:, None])[:, 0])
-    depths = torch.cat([torch.zeros(R, 1, device=labels.device), tree.depths.float()], 1)
-    return torch.where(on_path, depths, 0).amax(1)
+    """Per row, the depth of the deepest node whose path equals ``labels[:, 1:]`` (greedy verification):
+    the verifier's own walk, with the text's next token as the target's token at every node."""
+    from vllm_ddtree.verify import walk_tree
+
+    depths = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)  # the root: the anchor, depth 0
+    return walk_tree(tree, labels.gather(1, (depths + 1).clamp(max=labels.shape[1] - 1)))[1]
 
 
 __all__ = ["DFlashDrafter", "DrafterConfig", "asdict", "block_batch", "evaluate_drafter", "extract_features",

@@ -171,8 +171,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from vllm_ddtree.targets import smollm2_folder
-    from vllm_ddtree.train.dflash import (TEACHER_TOP, DrafterConfig, evaluate_drafter, extract_features_and_teacher,
-                                          spread_layer_ids, train_drafter)
+    from vllm_ddtree.train.dflash import (TEACHER_TOP, DrafterConfig, evaluate_drafter, extract_features,
+                                          extract_features_and_teacher, spread_layer_ids, train_drafter)
 
     target_dir = smollm2_folder()
     prompts = training_prompts()[: args.max_prompts or None]
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     features, teacher, held_out_features = _cached(
         args.features_cache, features_key,
         lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, TEACHER_TOP),
-                 extract_features_and_teacher(target, held_out, config.target_layer_ids, 0)[0]))
+                 extract_features(target, held_out, config.target_layer_ids)))
     timings["features_s"] = round(time.time() - t0)
     print(f"features: {timings['features_s']} s", flush=True)
     if args.prepare_only:
