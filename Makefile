@@ -11,10 +11,10 @@ test: env
 
 # vLLM's CPU guide: Intel OpenMP (and tcmalloc, where installed) preloaded, or speculation loses its speed.
 demo: env
-	LD_PRELOAD="$$(bash scripts/cpu_preload.sh)" $(PY) -m vllm_ddtree.demo
+	LD_PRELOAD="$$(bash scripts/cpu_preload.sh)" $(PY) -m vllm_ddtree.tools.demo
 
 toy: env
-	$(PY) -m vllm_ddtree.toy
+	$(PY) -m vllm_ddtree.tools.toy
 
 bench: env
 	$(PY) benchmarks/bench_round.py

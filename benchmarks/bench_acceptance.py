@@ -87,19 +87,19 @@ def json_requests() -> list[tuple[str, dict]]:
 @contextlib.contextmanager
 def top1_chain_trees():
     """Makes ddtree's proposer draft the drafter's argmax chain; the engine must run in this process."""
-    from vllm_ddtree.adapter import proposer
+    from vllm_ddtree.adapter import drafter
 
-    original, calls = proposer.build_tree, [0]
+    original, calls = drafter.build_tree, [0]
 
     def chain(draft_logits, budget):
         calls[0] += 1
         return original(draft_logits, budget, max_children=1)
 
-    proposer.build_tree = chain
+    drafter.build_tree = chain
     try:
         yield
     finally:
-        proposer.build_tree = original
+        drafter.build_tree = original
     if calls[0] == 0:
         raise RuntimeError("the top-1 chain was never drafted: the engine ran in another process "
                            "(unset VLLM_ENABLE_V1_MULTIPROCESSING)")
@@ -111,7 +111,7 @@ def run(target, prompts, temperature, max_tokens, spec, dtype, logprobs=None, sc
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    from vllm_ddtree.engine_runs import run_engine
+    from vllm_ddtree.tools.engine_runs import run_engine
 
     # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
     # chunked ("CPU Generator does not use offset"); the engine seed keeps runs reproducible.
@@ -161,7 +161,7 @@ def main():
     parser.add_argument("--json", default=None, help="append each row to this JSON-lines file")
     args = parser.parse_args()
     if args.target is None:
-        from vllm_ddtree.targets import smollm2_folder
+        from vllm_ddtree.tools.targets import smollm2_folder
         args.target = smollm2_folder()
     with open(os.path.join(args.drafter, "config.json")) as f:
         depth = json.load(f)["block_size"] - 1

@@ -40,9 +40,9 @@ def main() -> int:
     from bench_acceptance import humaneval_prompts, mtbench_prompts
     from transformers import AutoModelForCausalLM
 
-    from vllm_ddtree.targets import smollm2_folder
-    from vllm_ddtree.train.dflash import evaluate_drafter, extract_features, load_drafter
-    from vllm_ddtree.train.smollm2 import _cached_answers, training_prompts
+    from vllm_ddtree.tools.targets import smollm2_folder
+    from vllm_ddtree.tools.train.dflash import evaluate_drafter, extract_features, load_drafter
+    from vllm_ddtree.tools.train.smollm2 import _cached_answers, training_prompts
 
     os.makedirs(args.data_dir, exist_ok=True)
     target_dir = smollm2_folder()

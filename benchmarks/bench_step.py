@@ -131,9 +131,10 @@ def step_functions(shape, target, drafter, depth, budgets, batch, context, devic
     """{name: step over fixed buffers} for one (batch, context): generator functions, as
     :func:`run_layers`. The variants share one target cache and one drafter cache, sized for the most
     rows (each holds a model's KV for the batch)."""
-    from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
+    from vllm_ddtree.kv_commit import paged_kv_views
     from vllm_ddtree.tree import build_tree
-    from vllm_ddtree.verify import TreeSampling, verify_tree
+    from vllm_ddtree.tree_round import PagedKV, verify_and_commit
+    from vllm_ddtree.verify import TreeSampling
 
     hidden, vocab = shape["hidden"], shape["vocab"]
     embed, head = target["embed"], target["head"]
@@ -171,17 +172,17 @@ def step_functions(shape, target, drafter, depth, budgets, batch, context, devic
     steps["chain"] = chain
     for budget in budgets:
         tree_batch = Batch(batch, context, budget + 1, num_blocks, device, gen)
-        views = [view for c in target_cache for view in paged_kv_views(c, "vllm")]
+        kv = PagedKV([view for c in target_cache for view in paged_kv_views(c, "vllm")], tree_batch.block_table)
 
-        def tree_step(tree_batch=tree_batch, cache=target_cache, views=views, budget=budget):
+        def tree_step(tree_batch=tree_batch, cache=target_cache, kv=kv, budget=budget):
+            # vllm_ddtree.tree_round.tree_round, with both forwards in pieces (generators, for
+            # piecewise graphs): draft, tree, the target over the tree, then verify and commit.
             tree = build_tree((yield from draft_logits()), budget)
             tokens = torch.cat([block_ids.view(batch, -1)[:, :1], tree.token_ids.clamp(min=0)], 1).flatten()
             logits = logits_of((yield from run_layers(embed[tokens], target, cache, tree_batch.with_tree(tree),
                                                       tree_batch.slots, shape)))
-            verdict = verify_tree(tree, logits, sampling, tree_batch.root_positions, row_starts=tree_batch.row_starts)
-            plan = plan_commit(tree_batch.block_table, PAGE, tree_batch.root_positions, verdict.accepted_nodes)
-            commit_accepted_kv(views, plan)
-            return verdict.num_accepted
+            return verify_and_commit(tree, logits, sampling, tree_batch.root_positions,
+                                     row_starts=tree_batch.row_starts, kv=kv).num_accepted
 
         steps[f"tree {budget}"] = tree_step
     return steps

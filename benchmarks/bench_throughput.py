@@ -70,9 +70,9 @@ def main():
     from harness import print_header
     from vllm import SamplingParams
 
-    from vllm_ddtree.demo import DEFAULT_DRAFTER
-    from vllm_ddtree.engine_runs import open_engine
-    from vllm_ddtree.targets import smollm2_folder
+    from vllm_ddtree.tools.demo import DEFAULT_DRAFTER
+    from vllm_ddtree.tools.engine_runs import open_engine
+    from vllm_ddtree.tools.targets import smollm2_folder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sets", nargs="+", default=["humaneval", "mt-bench"], choices=["humaneval", "mt-bench"])

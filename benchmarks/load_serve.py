@@ -266,7 +266,7 @@ class LoadReport:
 def load_test(model: str, drafter: str, prompts: list[str], requests: int, clients: int, budget: int, depth: int,
               max_tokens: int, server_args=(), env=None, policy: str = "cost-aware") -> LoadReport:
     """The whole test: ddtree server under load, then the no-speculation server for the greedy replay."""
-    from vllm_ddtree.engine_runs import openai_server
+    from vllm_ddtree.tools.engine_runs import openai_server
 
     planned = plan(prompts, requests, max_tokens)
     spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": budget, "ddtree_budget": policy}
@@ -299,8 +299,8 @@ def main() -> int:
     from bench_acceptance import humaneval_prompts, mtbench_prompts
     from harness import print_header
 
-    from vllm_ddtree.demo import DEFAULT_DRAFTER
-    from vllm_ddtree.targets import smollm2_folder
+    from vllm_ddtree.tools.demo import DEFAULT_DRAFTER
+    from vllm_ddtree.tools.targets import smollm2_folder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=256)

@@ -54,16 +54,17 @@ class Stopwatch:
 
 def instrument(watch: Stopwatch):
     """Wraps the runner's stages (per instance) and ddtree's functions (in their modules)."""
-    from vllm_ddtree.adapter import cpu_attention, proposer, runner as runner_module
+    from vllm_ddtree.adapter import drafter, v1_runner, verifier
+    from vllm_ddtree.adapter.attention import cpu
 
-    from vllm_ddtree.engine_runs import model_runner
+    from vllm_ddtree.tools.engine_runs import model_runner
 
-    for module, name, label in [(proposer, "build_tree", "  build_tree"),
-                                (runner_module, "verify_tree", "  verify_tree"),
-                                (runner_module, "commit_accepted_tokens", "  KV commit (all layers)"),
-                                (runner_module, "prepare_tree_step", "  prepare_tree_step"),
-                                (cpu_attention, "tree_attention_dense", "  tree attention (all layers)"),
-                                (cpu_attention, "plan_dense", "  tree attention plan")]:
+    for module, name, label in [(drafter, "build_tree", "  build_tree"),
+                                (verifier, "verify_tree", "  verify_tree"),
+                                (verifier, "commit_accepted_tokens", "  KV commit (all layers)"),
+                                (v1_runner, "prepare_tree_step", "  prepare_tree_step"),
+                                (cpu, "tree_attention_dense", "  tree attention (all layers)"),
+                                (cpu, "plan_dense", "  tree attention plan")]:
         watch.wrap(module, name, label)
 
     def before(llm):
@@ -81,7 +82,7 @@ def instrument(watch: Stopwatch):
 def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency):
     from vllm import SamplingParams
 
-    from vllm_ddtree.engine_runs import open_engine
+    from vllm_ddtree.tools.engine_runs import open_engine
 
     watch = Stopwatch()
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -104,8 +105,8 @@ def main():
     from bench_acceptance import humaneval_prompts
     from harness import print_header
 
-    from vllm_ddtree.demo import DEFAULT_DRAFTER
-    from vllm_ddtree.targets import smollm2_folder
+    from vllm_ddtree.tools.demo import DEFAULT_DRAFTER
+    from vllm_ddtree.tools.targets import smollm2_folder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=4, help="HumanEval prompts, from the end of the set")

@@ -16,3 +16,49 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+# The end-to-end tests' shared models and reference outputs (tests/tiny_engines.py runs the engines),
+# built once per session.
+from tiny_engines import PROMPTS, STRUCTURED_ENGINE, feature_params, generate, structured_params  # noqa: E402
+from tiny_models import write_dflash_drafter, write_target  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
+
+
+@pytest.fixture(scope="session")
+def reference(models):
+    return generate(models)[0]
+
+
+@pytest.fixture(scope="session")
+def flat(models, tmp_path_factory):
+    """A flatter target than ``models``' (same drafter), so that sampling is really random."""
+    return str(write_target(str(tmp_path_factory.mktemp("flat") / "target"), head_scale=0.15)), models[1]
+
+
+@pytest.fixture(scope="session")
+def feature_reference(models, reference):
+    names, params = feature_params(models, reference)
+    tokens = generate(models, PROMPTS, params)[0]
+    for i, name in enumerate(names):  # each feature changes the answer; the other prompts keep theirs
+        assert (tokens[i] != reference[i]) == (name is not None), (name, i)
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def structured_reference(models, reference):
+    kinds, params = structured_params()
+    tokens = generate(models, PROMPTS, params, **STRUCTURED_ENGINE)[0]
+    for i, kind in enumerate(kinds):
+        assert (tokens[i] != reference[i]) == (kind is not None), (kind, i)
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def moe_target(tmp_path_factory):
+    return str(write_target(str(tmp_path_factory.mktemp("moe") / "target"), experts=4))

@@ -1,7 +1,7 @@
 """A guard that fails on a host read of a device value or a pageable upload of host data (issue 14):
 on a GPU each such read stalls the stream, and none can run inside a CUDA graph. Used by the round's
 unit tests (test_host_sync.py) and around the adapter's step functions in a live engine
-(test_vllm_e2e.py)."""
+(test_internals.py)."""
 
 import contextlib
 import importlib

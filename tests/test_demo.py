@@ -7,7 +7,7 @@ import sys
 
 
 def test_demo_runs_the_real_pair():
-    run = subprocess.run([sys.executable, "-m", "vllm_ddtree.demo", "--max-tokens", "48"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "vllm_ddtree.tools.demo", "--max-tokens", "48"], capture_output=True,
                          text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Paris" in run.stdout

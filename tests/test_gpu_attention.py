@@ -3,7 +3,7 @@ compute a tree step with our kernel over their own cache layout.
 
 vLLM's GPU kernels do not exist in the CPU build, so these tests hook instances of the real backend
 classes and call their ``forward`` on CPU tensors with the Triton kernel interpreted; the engine around
-it is tested end to end on the CPU backend (``test_vllm_e2e.py``), whose hook shares everything but
+it is tested end to end on the CPU backend (``test_lossless.py`` and the other engine tests), whose hook shares everything but
 the cache view.
 """
 
@@ -21,9 +21,9 @@ LAYER = "model.layers.0.self_attn.attn"
 def _impl(cls_name, num_heads, head_size, cls=None, **overrides):
     from vllm.v1.attention.backend import AttentionType
 
-    from vllm_ddtree.adapter import gpu_attention
+    from vllm_ddtree.adapter.attention import gpu
 
-    cls = cls or {c.__name__: c for c in gpu_attention._impl_classes()}[cls_name]
+    cls = cls or {c.__name__: c for c in gpu._impl_classes()}[cls_name]
     impl = object.__new__(cls)  # the GPU-only __init__ probes CUDA; the hook reads these attributes
     attrs = dict(num_heads=num_heads, head_size=head_size, scale=head_size ** -0.5, attn_type=AttentionType.DECODER,
                  alibi_slopes=None, logits_soft_cap=0, sinks=None, sliding_window=(-1, -1), kv_cache_dtype="auto",
@@ -34,9 +34,10 @@ def _impl(cls_name, num_heads, head_size, cls=None, **overrides):
 
 
 def _hooked(impl):
-    from vllm_ddtree.adapter.attention_hook import hook_target_layer
+    from vllm_ddtree.adapter.attention import backend_of
 
-    hook_target_layer(LAYER, SimpleNamespace(impl=impl))
+    layer = SimpleNamespace(impl=impl)
+    backend_of(LAYER, layer).hook(LAYER, layer)
     return impl
 
 
@@ -106,7 +107,7 @@ def test_warm_up_compiles_the_step_kernels_without_touching_the_cache(device, mo
     # What an engine on a GPU runs at start (the interpreter here): every split variant of the tree
     # kernel and the KV commit kernel, on the layer's own cache, which stays as it was.
     from vllm_ddtree import tree_attention as module
-    from vllm_ddtree.adapter import gpu_attention
+    from vllm_ddtree.adapter.attention import gpu
 
     gen = torch.Generator().manual_seed(11)
     *_, kv_cache = make_batch(MIXED[:2], 15, 16, 2, 4, 64, torch.bfloat16, "vllm", gen, device, with_cache=True)
@@ -119,7 +120,7 @@ def test_warm_up_compiles_the_step_kernels_without_touching_the_cache(device, mo
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(module, "tree_attention", counted)
-    gpu_attention.warm_up(SimpleNamespace(impl=_impl("FlashAttentionImpl", 8, 64), kv_cache=kv_cache), budget=15,
+    gpu.warm_up(SimpleNamespace(impl=_impl("FlashAttentionImpl", 8, 64), kv_cache=kv_cache), budget=15,
                           depth=7, dtype=torch.bfloat16)
     assert tuple(launches) == module.SPLIT_CHOICES
     assert torch.equal(kv_cache, before)

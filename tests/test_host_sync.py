@@ -11,7 +11,8 @@ import pytest
 import torch
 from host_sync_guard import HostSync, no_host_sync
 
-from vllm_ddtree.adapter.runner import StepTrees, write_tree_positions
+from vllm_ddtree.adapter.state import DraftedTrees, StepTrees
+from vllm_ddtree.adapter.step_layout import write_tree_positions
 from vllm_ddtree.budget import AcceptanceCalibration, StepCosts, kept_nodes
 from vllm_ddtree.kv_commit import commit_accepted_rows, plan_commit
 from vllm_ddtree.tree import build_tree
@@ -58,15 +59,15 @@ def test_a_round_reads_nothing_back(temperature, device):
 def test_trees_follow_their_requests_into_the_next_batch_without_a_host_read(device):
     # The trees drafted in one step's batch order, verified in the next step's: the same rows (a steady
     # batch), or rows that vLLM moved, removed (its tree is dropped) and added (no tree yet).
-    from vllm_ddtree.adapter.runner import _batch_trees
+    from vllm_ddtree.adapter.step_layout import trees_of_batch
 
     B, D = 8, 4
     trees = build_tree((torch.randn(3, D, 20, generator=torch.Generator().manual_seed(0)) * 3).to(device), B)
-    drafted = (trees, ["a", "b", "c"])
+    drafted = DraftedTrees(trees, ["a", "b", "c"])
     kept, kept_moved = torch.tensor([8, 2, 0], device=device), torch.tensor([8, 0, 3], device=device)
     with no_host_sync():
-        steady = _batch_trees(drafted, ["a", "b", "c"], kept, B, D)
-        moved = _batch_trees(drafted, ["c", "new", "a"], kept_moved, B, D)
+        steady = trees_of_batch(drafted, ["a", "b", "c"], kept, B, D)
+        moved = trees_of_batch(drafted, ["c", "new", "a"], kept_moved, B, D)
     assert steady.num_nodes.tolist() == [8, 2, 0]
     assert torch.equal(steady.token_ids[0], trees.token_ids[0]) and torch.equal(steady.parents, trees.parents.where(
         torch.arange(B, device=device) < steady.num_nodes.unsqueeze(1), 0))

@@ -20,8 +20,10 @@ def test_general_plugin_entry_point_loads():
     from vllm.config import SpeculativeConfig
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    assert SpeculativeConfig._ddtree_patched and GPUModelRunner.__init__._ddtree_hook
-    assert not hasattr(GPUModelRunner.__init__.__wrapped__, "_ddtree_hook")  # wrapped once
+    from vllm_ddtree.adapter.patching import is_patched
+
+    assert is_patched(SpeculativeConfig.__post_init__) and is_patched(GPUModelRunner.__init__)
+    assert not is_patched(GPUModelRunner.__init__.__wrapped__)  # wrapped once
 
 
 def test_every_hooked_internal_matches_the_installed_vllm():
@@ -29,6 +31,23 @@ def test_every_hooked_internal_matches_the_installed_vllm():
     from vllm_ddtree.adapter import compat
 
     assert compat.incompatibilities() == []
+
+
+def test_only_names_the_compat_table_checks_are_patched():
+    # Every patch goes through vllm_ddtree.adapter.patching, which refuses a vLLM name the table above
+    # does not check (so the engines of the other tests, which apply every patch, prove the table
+    # covers them all).
+    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_ddtree.adapter import patching
+
+    with pytest.raises(RuntimeError, match=r"GPUModelRunner\.execute_model, which its compatibility table does not"):
+        patching.wrap(GPUModelRunner, "execute_model", lambda original: original)
+    assert not patching.is_patched(GPUModelRunner.execute_model)
+    with pytest.raises(RuntimeError, match=r"gpu_model_runner\.EagleProposer, which its compatibility table"):
+        with patching.swapped(gpu_model_runner, "EagleProposer", None):
+            pass
 
 
 SIMULATIONS = {
@@ -44,6 +63,14 @@ SIMULATIONS = {
                       "InputProcessor._validate_params = _validate_params\n",
                       "InputProcessor._validate_params takes (self, params, supported_tasks, strict), "
                       "ddtree hooks (self, params, supported_tasks)"),
+    # one of our own modules fails to import (a broken install): a failure of ours, not of vLLM's
+    "broken module": ("import importlib.abc, sys\n"
+                      "class Broken(importlib.abc.MetaPathFinder):\n"
+                      "    def find_spec(self, name, path=None, target=None):\n"
+                      "        if name == 'vllm_ddtree.adapter.v1_runner':\n"
+                      "            raise ImportError('simulated: ' + name)\n"
+                      "sys.meta_path.insert(0, Broken())\n",
+                      "setting up the adapter failed (ImportError('simulated: vllm_ddtree.adapter.v1_runner'))"),
 }
 
 ENGINES = """
@@ -65,8 +92,8 @@ for name, spec in [("none", None), ("dflash", {"method": "dflash", "num_speculat
         gc.collect()
     except Exception as error:
         results[name] = "ERR " + str(error)
-results["hooked"] = [hasattr(GPUModelRunner.__init__, "_ddtree_hook"), hasattr(InputProcessor.__init__, "_ddtree_hook"),
-                     getattr(VllmConfig, "_ddtree_patched", False)]
+results["hooked"] = [getattr(f, "__ddtree_patch__", False) for f in (GPUModelRunner.__init__, InputProcessor.__init__,
+                                                                      VllmConfig.__post_init__)]
 print("RESULTS" + json.dumps(results))
 """
 
@@ -80,7 +107,8 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("simulation", sorted(SIMULATIONS))
 def test_an_incompatible_vllm_keeps_serving_other_engines(models, simulation, tmp_path):
     # vLLM calls plugins without catching: a plugin that raised here would stop every engine. With a
-    # changed internal, registration warns once, patches nothing, and only "ddtree" is refused.
+    # changed internal, or a module of ours that fails to import, registration warns once, patches
+    # nothing, and only "ddtree" is refused.
     code, change = SIMULATIONS[simulation]
     script = tmp_path / "engines.py"
     script.write_text(code + ENGINES)
@@ -101,7 +129,7 @@ def test_an_incompatible_vllm_keeps_serving_other_engines(models, simulation, tm
 def test_core_does_not_import_vllm():
     out = subprocess.run(
         [sys.executable, "-c", "import sys, vllm_ddtree, vllm_ddtree.tree, vllm_ddtree.verify, vllm_ddtree.kv_commit, "
-         "vllm_ddtree.tree_attention, vllm_ddtree.toy, vllm_ddtree.kernels.kv_commit, "
+         "vllm_ddtree.tree_attention, vllm_ddtree.tools.toy, vllm_ddtree.kernels.kv_commit, "
          "vllm_ddtree.kernels.tree_attention, vllm_ddtree.adapter.options; print('vllm' in sys.modules)"],
         capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr

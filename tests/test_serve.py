@@ -17,7 +17,7 @@ import pytest
 import vllm  # noqa: F401  (a missing vLLM must fail, not skip)
 from tiny_models import BLOCK_SIZE, write_dflash_drafter, write_target
 
-from vllm_ddtree.engine_runs import openai_server
+from vllm_ddtree.tools.engine_runs import openai_server
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from load_serve import load_test  # noqa: E402

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vllm_ddtree import targets
+from vllm_ddtree.tools import targets
 
 
 def test_missing_package_names_the_install(monkeypatch):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from vllm_ddtree.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features,
+from vllm_ddtree.tools.train.dflash import (DrafterConfig, block_batch, evaluate_drafter, extract_features,
                                       extract_features_and_teacher, load_drafter, slot_weights, spread_layer_ids,
                                       train_drafter)
 
@@ -39,7 +39,7 @@ def test_slot_weights_and_layer_spread():
 
 
 def test_engine_walk_and_tree_acceptance():
-    from vllm_ddtree.train.dflash import _tree_accepted_depth, _walk
+    from vllm_ddtree.tools.train.dflash import _tree_accepted_depth, _walk
     from vllm_ddtree.tree import DraftTree
 
     # Accepted tokens per step at positions 0..5: the engine steps 0 -> 3 -> 4 -> 6 (three steps, six
@@ -65,7 +65,7 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     from bench_acceptance import humaneval_prompts, mtbench_prompts
 
-    from vllm_ddtree.train.smollm2 import EVALUATION_NAME_OVERLAP, training_prompts
+    from vllm_ddtree.tools.train.smollm2 import EVALUATION_NAME_OVERLAP, training_prompts
 
     prompts = training_prompts()
     assert prompts == training_prompts() and len(prompts) > 1500  # the data cache keys on them
@@ -81,7 +81,7 @@ def test_smollm2_training_prompts_are_stable_and_not_the_evaluation_prompts():
 
 
 def test_smollm2_trainer_refuses_data_without_greedy_answers(tmp_path, capsys):
-    from vllm_ddtree.train.smollm2 import main
+    from vllm_ddtree.tools.train.smollm2 import main
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "d"), "--temperatures", "0.7", "1"])
@@ -198,7 +198,7 @@ def test_trained_drafter_drafts_in_vllm(tmp_path):
     from tiny_models import BLOCK_SIZE, write_target
     from vllm import SamplingParams
 
-    from vllm_ddtree.engine_runs import run_engine
+    from vllm_ddtree.tools.engine_runs import run_engine
 
     target_dir = write_target(str(tmp_path / "target"))
     drafter_dir = str(tmp_path / "trained")

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 from oracle import exact_distribution, processed_probs_numpy
 
-from vllm_ddtree.toy import MarkovTarget, generate_sequentially, generate_with_trees
+from vllm_ddtree.tools.toy import MarkovTarget, generate_sequentially, generate_with_trees
 from vllm_ddtree.tree import build_tree
 from vllm_ddtree.verify import TreeSampling, processed_weights, verify_tree, walk_tree
 

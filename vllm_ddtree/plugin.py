@@ -1,49 +1,62 @@
 """vLLM entry point (``vllm.general_plugins``), loaded by vLLM in every process it starts.
 
-:func:`register` makes ``speculative_config={"method": "ddtree", ...}`` valid. It first compares every
-vLLM internal the adapter hooks, names and call signatures (:mod:`vllm_ddtree.adapter.compat`), with
-the installed vLLM. On a match it installs the hooks (:mod:`vllm_ddtree.adapter`); they act only for
-ddtree engines and cost other engines nothing on their steps. On a mismatch it logs one warning that
-names what changed and the supported versions, and patches nothing but the refusal of ``"ddtree"``:
-every other engine runs exactly as without the plugin, and a ddtree config fails with that message.
-vLLM calls plugins without catching their errors, so nothing here may raise.
+:func:`register` makes ``speculative_config={"method": "ddtree", ...}`` valid. It first imports the
+whole adapter and compares every vLLM internal the adapter hooks, names and call signatures
+(:mod:`vllm_ddtree.adapter.compat`), with the installed vLLM; only then does it patch
+(:mod:`vllm_ddtree.adapter`): the patches act only for ddtree engines and cost other engines
+nothing on their steps. On a mismatch, or on any failure of our own (a module that does not import,
+a check that raises), it logs one warning that says what went wrong and patches nothing but the
+refusal of ``"ddtree"``: every other engine runs exactly as without the plugin, and a ddtree config
+fails with that message. vLLM calls plugins without catching their errors, so nothing raises out of
+:func:`register`.
 """
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger("vllm.ddtree")  # under vLLM's logger, once vLLM configures it
+SUPPORTED_VLLM = ">=0.32,<0.34"  # the releases the compat table (vllm_ddtree.adapter.compat) was read from
 
 
 def register() -> None:
-    """Called by vLLM's ``load_general_plugins`` in each process; idempotent."""
+    """Called by vLLM's ``load_general_plugins`` in each process; idempotent; never raises."""
     try:
         import vllm
     except ImportError:  # the core is usable without vLLM
         return
-    from vllm_ddtree.adapter import compat, config
-
     try:
-        problems = compat.incompatibilities()
-    except Exception as error:  # an internal that fails to import is a mismatch too
-        problems = [f"reading vLLM's internals failed ({error!r})"]
-    if problems:
-        message = (f"vllm-ddtree supports vLLM {compat.SUPPORTED_VLLM}; this vLLM ({vllm.__version__}) changed what "
-                   f'ddtree hooks: {"; ".join(problems)}. Method "ddtree" is refused (install a supported vLLM, '
-                   'or use method "dflash" with the same drafter); every other engine runs unchanged.')
-        if not getattr(register, "_warned", False):
-            logger.warning(message)
-            register._warned = True
+        problems = _install()
+    except Exception as error:  # our own failure: an import, a check, a patch
+        problems = [f"setting up the adapter failed ({error!r})"]
+    if not problems:
+        return
+    message = (f"vllm-ddtree supports vLLM {SUPPORTED_VLLM}; on this vLLM ({vllm.__version__}) it cannot serve "
+               f'method "ddtree": {"; ".join(problems)}. Method "ddtree" is refused (install a supported vLLM and '
+               'reinstall vllm-ddtree, or use method "dflash" with the same drafter); every other engine runs '
+               "unchanged.")
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.ddtree")  # a child of vLLM's logger; warning_once: vLLM may load plugins twice
+    logger.warning_once(message)
+    try:
+        from vllm_ddtree.adapter import compat, config
+
         if compat.config_front_door_works():
             config.refuse(message)
-        return
+    except Exception as error:  # then "ddtree" stays unknown to vLLM's config, which refuses it itself
+        logger.warning("vllm-ddtree could not install its refusal of method \"ddtree\" either (%r)", error)
+
+
+def _install() -> list[str]:
+    """Imports every module of the adapter, checks vLLM, then patches; returns what does not match."""
+    from vllm_ddtree.adapter import admission, compat, config, structured_outputs, v1_runner
+
+    problems = compat.incompatibilities()
+    if problems:
+        return problems
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_ddtree.adapter import admission, runner, structured_outputs
-
     config.apply()
-    runner.install(GPUModelRunner)
+    v1_runner.install(GPUModelRunner)
     structured_outputs.install(Scheduler)
     admission.apply()
+    return []

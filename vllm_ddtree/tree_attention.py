@@ -38,7 +38,8 @@ class TreeAttentionMetadata:
     this step's rows included), ``block_table [R, max_blocks]`` int32, ``tree_bits [R, N, W]`` int32
     (ancestor bits of each request's tree, ``N`` = B+1 rows; any content for causal requests) and
     ``tree_rows [R]`` int32 (rows under the tree mask: B+1 for a tree request, 0 for a causal one).
-    ``dense_plan`` caches the CPU path's :func:`plan_dense` for the step's other layers.
+    ``dense_plan``: the CPU path's :func:`plan_dense`, made once per step for every layer (by the
+    vLLM adapter before the step's forward; :func:`tree_attention_dense` plans itself without one).
     """
 
     query_start_loc: torch.Tensor

@@ -9,7 +9,7 @@ instance-level ``_validate_params`` that adds the check; other engines keep vLLM
 
 from __future__ import annotations
 
-
+from vllm_ddtree.adapter import patching
 from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflash"'
@@ -48,14 +48,16 @@ def _hook_instance(processor) -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 
-    original = processor._validate_params
+    def make(original):
+        def _validate_params(params, *args, **kwargs):
+            result = original(params, *args, **kwargs)
+            if isinstance(params, SamplingParams):
+                parser = processor.vllm_config.structured_outputs_config.reasoning_parser
+                refused = unsupported_feature(params, parser)
+                if refused is not None:
+                    raise VLLMValidationError(refused[1], parameter=refused[0])
+            return result
 
-    def _validate_params(params, *args, **kwargs):
-        result = original(params, *args, **kwargs)
-        if isinstance(params, SamplingParams):
-            refused = unsupported_feature(params, processor.vllm_config.structured_outputs_config.reasoning_parser)
-            if refused is not None:
-                raise VLLMValidationError(refused[1], parameter=refused[0])
-        return result
+        return _validate_params
 
-    processor._validate_params = _validate_params
+    patching.wrap(processor, "_validate_params", make)

@@ -1,10 +1,11 @@
 """What the adapter needs of vLLM, checked before anything is patched.
 
-Every vLLM function the adapter wraps or stands in for is listed here with the parameter names it
-had in the vLLM versions this release was written against (0.32 and 0.33: identical for all of
-them). :func:`incompatibilities` compares them with the vLLM that is installed; any difference
-(a missing name, a renamed or added parameter) means that vLLM changed code we hook, and the plugin
-then patches nothing but the refusal of ``"method": "ddtree"`` (see :mod:`vllm_ddtree.plugin`).
+Every vLLM name the adapter patches (:mod:`vllm_ddtree.adapter.patching` refuses to patch one that
+is not listed here), subclasses, calls or stands in for is listed with the parameter names it had in
+the vLLM versions this release was written against (0.32 and 0.33: identical for all of them).
+:func:`incompatibilities` compares them with the vLLM that is installed; any difference (a missing
+name, a renamed or added parameter) means that vLLM changed code we hook, and the plugin then
+patches nothing but the refusal of ``"method": "ddtree"`` (see :mod:`vllm_ddtree.plugin`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 
-SUPPORTED_VLLM = ">=0.32,<0.34"
 
 PROPERTY = "property"  # the name must be a property, not a function
 
@@ -20,6 +20,8 @@ PROPERTY = "property"  # the name must be a property, not a function
 REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     # config front door (config.py)
     "vllm.config.speculative.SpeculativeConfig.__post_init__": ("self",),
+    "vllm.config.speculative.SpeculativeConfig.method": None,  # its type widened by "ddtree"
+    "vllm.config.speculative.SpeculativeConfig.num_speculative_tokens": None,  # D while the drafter is built
     "vllm.config.speculative.SpeculativeConfig.max_num_new_slots_for_drafting": PROPERTY,
     "vllm.config.speculative.SpeculativeMethod": None,
     "vllm.config.vllm.VllmConfig.__post_init__": ("self",),
@@ -28,7 +30,7 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     # request admission (admission.py)
     "vllm.v1.engine.input_processor.InputProcessor.__init__": ("self", "vllm_config", "renderer", "mm_registry"),
     "vllm.v1.engine.input_processor.InputProcessor._validate_params": ("self", "params", "supported_tasks"),
-    # the V1 runner (runner.py)
+    # the V1 runner (v1_runner.py, drafter.py)
     "vllm.v1.worker.gpu_model_runner.DFlashProposer": None,
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__": ("self", "vllm_config", "device"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs": (
@@ -39,6 +41,9 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
         "num_scheduled_tokens", "slot_mappings"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache": (
         "self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context"),
+    "vllm.v1.worker.cpu_model_runner.CPUModelRunner.initialize_kv_cache": (  # the CPU runner's own
+        "self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": ("self", "hidden_states"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_draft_token_ids_cpu": ("self",),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
     # structured outputs (structured_outputs.py)
@@ -51,7 +56,7 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     "vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask": (
         "self", "requests", "structured_output_request_ids", "scheduled_spec_decode_tokens"),
     "vllm.v1.structured_output.StructuredOutputManager._fill_bitmasks": ("self", "batch"),
-    # timed for the cost-aware budget's step costs (step_costs.py)
+    # timed for the cost-aware budget's step costs (step_costs.py); the verifier (verifier.py)
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run": (
         "self", "num_tokens", "cudagraph_runtime_mode", "force_attention", "uniform_decode", "allow_microbatching",
         "skip_eplb", "is_profile", "create_mixed_batch", "remove_lora", "is_graph_capturing", "num_active_loras",
@@ -66,7 +71,7 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
     "vllm.v1.sample.sampler.Sampler.compute_logprobs": ("logits",),
     "vllm.v1.sample.sampler.Sampler.gather_logprobs": ("logprobs", "num_logprobs", "token_ids"),
     "vllm.utils.torch_utils.async_tensor_h2d": ("data", "device", "dtype", "out"),
-    # the drafter (proposer.py)
+    # the drafter (drafter.py)
     "vllm.v1.spec_decode.dflash.DFlashProposer.__init__": ("self", "vllm_config", "device", "runner"),
     "vllm.v1.spec_decode.dflash.DFlashProposer.propose": (
         "self", "num_speculative_tokens", "target_token_ids", "target_positions", "target_hidden_states",
@@ -74,7 +79,7 @@ REQUIRED: dict[str, tuple[str, ...] | str | None] = {
         "mm_embed_inputs", "num_rejected_tokens_gpu", "slot_mappings"),
     "vllm.v1.spec_decode.dflash.DFlashProposer._sample_draft_tokens": (
         "self", "hidden_states", "sampling_metadata"),
-    # attention (cpu_attention.py, gpu_attention.py)
+    # attention (attention/cpu.py, attention/gpu.py)
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": (
         "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
         "output_block_scale"),

@@ -1,6 +1,9 @@
-"""DDTree's speculative-config options and their checks, free of vLLM imports."""
+"""A ddtree engine's options as one typed record (:class:`DDTreeOptions`), and the checks of what the
+user gives: the budget, the cost table, the drafter checkpoint. Free of vLLM imports."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 # The tree budget B is `num_speculative_tokens`: the draft tokens the target verifies per step, as for
 # every vLLM method. Beyond 1024 the (B+1)-row verify pass and the ancestor bitmask stop paying
@@ -16,6 +19,54 @@ def check_budget(budget) -> int:
         raise ValueError(f'speculative_config method "ddtree": "num_speculative_tokens" (the tree budget B) '
                          f"must be an integer in 1..{MAX_BUDGET}, got {budget!r}")
     return budget
+
+
+POLICIES = ("cost-aware", "fixed")
+
+
+@dataclass(frozen=True)
+class DDTreeOptions:
+    """What a ddtree engine runs with, validated when made (a bad value fails before anything runs).
+    vLLM's speculative config carries it (:func:`vllm_ddtree.adapter.config.ddtree_options`) to every
+    process that config is pickled to."""
+
+    budget: int                         # B: nodes a request verifies per step at most (num_speculative_tokens)
+    depth: int                          # D: the drafter's block size - 1, the deepest node
+    policy: str = "cost-aware"          # "cost-aware": nodes kept while they pay (vllm_ddtree.budget); "fixed": B
+    step_costs: str | dict | None = None  # the cost-aware policy's table, a JSON path or dict; None: measured
+
+    def __post_init__(self):
+        check_budget(self.budget)
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"the tree depth D (the drafter's block_size - 1) must be an integer >= 1, got "
+                             f"{self.depth!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f'speculative_config "ddtree_budget" must be one of {list(POLICIES)}, got {self.policy!r}')
+        if self.step_costs is not None:
+            if self.policy != "cost-aware":
+                raise ValueError('speculative_config "ddtree_step_costs" is the cost table of the cost-aware budget; '
+                                 'drop it, or drop "ddtree_budget": "fixed"')
+            read_table(self.step_costs)
+
+
+def read_table(table) -> tuple[dict[int, float], dict[int, float]]:
+    """A step-cost table (the user's, or the disk cache's): a path to JSON, or ``{"step": {rows:
+    seconds}, "draft": {requests: seconds}}``; ``({rows: s}, {requests: s})``."""
+    import json
+
+    if isinstance(table, str):
+        with open(table) as f:
+            table = json.load(f)
+    try:
+        step = {int(k): float(v) for k, v in table["step"].items()}
+        draft = {int(k): float(v) for k, v in table["draft"].items()}
+        if min(len(step), len(draft)) < 2 or min(*step, *draft) < 0 or min(*step.values(), *draft.values()) < 0:
+            raise ValueError("too few or negative entries")
+        return step, draft
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError('"ddtree_step_costs" must be a JSON file or a dict {"step": {rows: seconds, ...}, '
+                         f'"draft": {{requests: seconds, ...}}}} with at least two entries each; got {table!r}') \
+            from error
 
 
 def check_dflash_architectures(archs, model) -> None:

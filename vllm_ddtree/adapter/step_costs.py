@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from vllm_ddtree.adapter.options import read_table
 from vllm_ddtree.budget import StepCosts
 from vllm_ddtree.tree import build_tree
 
@@ -34,11 +35,10 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step
 
 def step_costs(runner, state, log) -> StepCosts:
     """The engine's :class:`StepCosts` on its device: the user's table, the disk cache, or measured."""
-    spec = runner.speculative_config
     scheduler = runner.scheduler_config
-    max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.budget + 1))
+    max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.options.budget + 1))
     max_requests = scheduler.max_num_seqs
-    user = spec.__dict__.get("ddtree_step_costs")
+    user = state.options.step_costs
     key = _cache_key(runner, state, max_rows)
     path = os.path.join(CACHE_DIR, key + ".json")
     # Timing runs the model, so with tensor parallelism every rank times or none does: rank 0's cache
@@ -69,23 +69,6 @@ def step_costs(runner, state, log) -> StepCosts:
     return costs
 
 
-def read_table(table) -> tuple[dict[int, float], dict[int, float]]:
-    """A user's (or the cache's) table: a path to JSON, or ``{"step": {...}, "draft": {...}}``."""
-    if isinstance(table, str):
-        with open(table) as f:
-            table = json.load(f)
-    try:
-        step = {int(k): float(v) for k, v in table["step"].items()}
-        draft = {int(k): float(v) for k, v in table["draft"].items()}
-        if min(len(step), len(draft)) < 2 or min(*step, *draft) < 0 or min(*step.values(), *draft.values()) < 0:
-            raise ValueError("too few or negative entries")
-        return step, draft
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise ValueError('"ddtree_step_costs" must be a JSON file or a dict {"step": {rows: seconds, ...}, '
-                         f'"draft": {{requests: seconds, ...}}}} with at least two entries each; got {table!r}') \
-            from error
-
-
 def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, float], dict[int, float]]:
     """Timed dummy passes: ``({rows: seconds}, {requests: seconds})``."""
     drafter = runner.drafter
@@ -100,9 +83,9 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
         runner.model.compute_logits(hidden[:rows])
 
     def drafter_pass(requests):
-        drafter.dummy_run(requests * (state.depth + 1))
-        logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.depth])
-        build_tree(logits.view(requests, state.depth, -1)[..., :vocab], state.budget)
+        drafter.dummy_run(requests * (state.options.depth + 1))
+        logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.options.depth])
+        build_tree(logits.view(requests, state.options.depth, -1)[..., :vocab], state.options.budget)
 
     def speculative_pass(requests):
         drafter_pass(requests)
@@ -118,18 +101,16 @@ def _cpu_tree_attention(runner, state, requests: int, context: int = 256) -> Non
     """What a tree step costs on vLLM's CPU backend beyond its rows: every target layer attends to each
     tree request's context through the dense-mask path (vLLM's own kernel serves other steps). One
     layer's cost, run once per layer, at a nominal context, with a random tree."""
-    from vllm_ddtree.adapter.cpu_attention import cache_layout
     from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense, uniform_tree_metadata
 
-    name, layer = next(iter(state.target_layers.items()))
-    cache, impl = layer.kv_cache, layer.impl
-    layout = cache_layout(name, layer)
-    N, page, dev = state.budget + 1, cache.shape[2], runner.device
-    tree = build_tree(torch.randn(requests, state.depth, 64, device=dev), state.budget)
+    layer = next(iter(state.target.layers.values()))
+    cache, impl, layout = layer.kv_cache, layer.impl, state.target.kv_layout
+    N, page, dev = state.options.budget + 1, cache.shape[2], runner.device
+    tree = build_tree(torch.randn(requests, state.options.depth, 64, device=dev), state.options.budget)
     meta = uniform_tree_metadata(tree.ancestor_bits, context, page, cache.shape[0])
     query = torch.randn(requests * N, impl.num_heads, impl.head_size, dtype=cache.dtype, device=dev)
     plan = plan_dense(meta, page)
-    for _ in state.target_layers:
+    for _ in state.target.layers:
         tree_attention_dense(query, cache, layout, meta, impl.scale, plan=plan)
 
 
@@ -200,7 +181,7 @@ def _key_fields(runner, state, max_rows: int) -> dict:
     parallel = runner.parallel_config
     return {"target": runner.model_config.model, "drafter": runner.speculative_config.draft_model_config.model,
             "dtype": str(runner.model_config.dtype), "device": name, "tp": parallel.tensor_parallel_size,
-            "pp": parallel.pipeline_parallel_size, "budget": state.budget, "depth": state.depth,
+            "pp": parallel.pipeline_parallel_size, "budget": state.options.budget, "depth": state.options.depth,
             "max_rows": max_rows, "max_num_seqs": runner.scheduler_config.max_num_seqs,
             "vllm": vllm.__version__, "preload": os.environ.get("LD_PRELOAD", "")}
 

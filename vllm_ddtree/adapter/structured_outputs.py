@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from vllm.v1.outputs import DraftTokenIds
 
+from vllm_ddtree.adapter import patching
 from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 
@@ -49,37 +50,60 @@ def install(scheduler_cls) -> None:
     hook_ddtree_instances(scheduler_cls, _hook_instance)
 
 
+class SchedulerTrees:
+    """A ddtree scheduler's tree structure: the parents that came with the last drafts
+    (``incoming``, by request id) and, per structured request, those of the drafts it validated
+    (``validated``: what the next grammar bitmask fills rows for), kept until the request's next
+    drafts or its end."""
+
+    def __init__(self):
+        self.incoming: dict[str, list[int]] = {}
+        self.validated: dict[str, list[int]] = {}
+
+
 def _hook_instance(scheduler) -> None:
     manager = scheduler.structured_output_manager
-    update, validate = scheduler.update_draft_token_ids, manager.validate_tokens
-    parents_of: dict[str, list[int]] = {}
+    trees = SchedulerTrees()
 
-    def update_draft_token_ids(draft_token_ids):
-        parents_of.clear()
-        parents_of.update(zip(draft_token_ids.req_ids, getattr(draft_token_ids, "parents", ())))
-        return update(draft_token_ids)
+    def update_draft_token_ids(update):
+        def hooked(draft_token_ids):
+            trees.incoming = dict(zip(draft_token_ids.req_ids, getattr(draft_token_ids, "parents", ())))
+            for req_id in [r for r in trees.validated if r not in scheduler.requests]:
+                del trees.validated[req_id]  # finished requests
+            return update(draft_token_ids)
 
-    def validate_tokens(request, spec_tokens):
-        if not request.use_structured_output:
-            return validate(request, spec_tokens)
-        parents = parents_of.get(request.request_id)
-        if parents is None:  # no tree structure: draft nothing this step
-            request.ddtree_parents = []
-            return []
-        request.ddtree_parents = parents
-        return spec_tokens
+        return hooked
 
-    def grammar_bitmask(requests, structured_output_request_ids, scheduled_spec_decode_tokens):
-        return tree_grammar_bitmask(manager, requests, structured_output_request_ids, scheduled_spec_decode_tokens)
+    def validate_tokens(validate):
+        def hooked(request, spec_tokens):
+            if not request.use_structured_output:
+                return validate(request, spec_tokens)
+            parents = trees.incoming.get(request.request_id)
+            if parents is None:  # no tree structure: draft nothing this step
+                trees.validated[request.request_id] = []
+                return []
+            trees.validated[request.request_id] = parents
+            return spec_tokens
 
-    scheduler.update_draft_token_ids = update_draft_token_ids
-    manager.validate_tokens = validate_tokens
-    manager.grammar_bitmask = grammar_bitmask
+        return hooked
+
+    def grammar_bitmask(_):
+        def hooked(requests, structured_output_request_ids, scheduled_spec_decode_tokens):
+            return tree_grammar_bitmask(manager, requests, structured_output_request_ids,
+                                        scheduled_spec_decode_tokens, trees.validated)
+
+        return hooked
+
+    patching.wrap(scheduler, "update_draft_token_ids", update_draft_token_ids)
+    patching.wrap(manager, "validate_tokens", validate_tokens)
+    patching.wrap(manager, "grammar_bitmask", grammar_bitmask)
 
 
-def tree_grammar_bitmask(manager, requests, structured_output_request_ids, scheduled_spec_decode_tokens):
+def tree_grammar_bitmask(manager, requests, structured_output_request_ids, scheduled_spec_decode_tokens,
+                         parents_of: dict[str, list[int]]):
     """vLLM's ``grammar_bitmask`` for trees: per structured request, the root's row and one row per
-    scheduled node, each in the grammar state after the node's path."""
+    scheduled node (``parents_of``: each request's node parents), each in the grammar state after the
+    node's path."""
     if not structured_output_request_ids:
         return None
     if manager._grammar_bitmask is None:
@@ -93,7 +117,7 @@ def tree_grammar_bitmask(manager, requests, structured_output_request_ids, sched
         # vLLM schedules -1 placeholders where no draft exists yet (a request's first decode step):
         # their rows go unused (the tree there is empty) and allow everything, as vLLM's padding rows.
         tokens = scheduled[:scheduled.index(-1)] if -1 in scheduled else scheduled
-        parents = getattr(request, "ddtree_parents", [])[:len(tokens)]
+        parents = parents_of.get(req_id, [])[:len(tokens)]
         if len(parents) < len(tokens):  # (cannot happen: drafts without parents are dropped)
             raise RuntimeError(f"ddtree: request {req_id} has {len(tokens)} drafts but {len(parents)} parents")
         fill_tree_rows(manager, request.structured_output_request.grammar, req_id, tokens, parents, start)

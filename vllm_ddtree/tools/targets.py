@@ -6,7 +6,7 @@ folder under the user cache (``$XDG_CACHE_HOME/vllm-ddtree``, else ``~/.cache/vl
 a manifest records the GGUF's sha256 and every written file's sha256, and a later call returns the
 folder at once if all of them still match.
 
-Usage: ``python -m vllm_ddtree.targets smollm2`` prints the folder.
+Usage: ``python -m vllm_ddtree.tools.targets smollm2`` prints the folder.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _convert_gguf(gguf_path: str, folder: str) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[1:] != ["smollm2"]:
-        print("usage: python -m vllm_ddtree.targets smollm2", file=sys.stderr)
+        print("usage: python -m vllm_ddtree.tools.targets smollm2", file=sys.stderr)
         return 2
     try:
         print(smollm2_folder())

@@ -3,7 +3,7 @@ speculation, as a chain (vLLM's "dflash") and as trees ("ddtree": a fixed budget
 default cost-aware budget of at most B), on a handful of prompts; prints the answers, tau (tokens per
 target step) and tokens per second with the speedup over no speculation.
 
-Runs on the machine at hand (vLLM's CPU backend here). ``python -m vllm_ddtree.demo [--budget B]``.
+Runs on the machine at hand (vLLM's CPU backend here). ``python -m vllm_ddtree.tools.demo [--budget B]``.
 Tokens per second are generation time only (engine start excluded), after a warm-up prompt; on a CPU
 they count only with vLLM's recommended Intel OpenMP runtime preloaded (see the README).
 """
@@ -21,8 +21,9 @@ PROMPTS = [
     "Give me two tips for writing clear code.",
     "Write a Python function that checks whether a string is a palindrome.",
 ]
-DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters",
-                               "smollm2-dflash-b8")
+# The repository's drafter (a checkout's drafters/ folder, three levels above this file).
+DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "drafters", "smollm2-dflash-b8")
 
 
 def main(argv=None) -> int:
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import SamplingParams
 
-    from vllm_ddtree.engine_runs import run_engine
-    from vllm_ddtree.targets import smollm2_folder
+    from vllm_ddtree.tools.engine_runs import run_engine
+    from vllm_ddtree.tools.targets import smollm2_folder
 
     target = smollm2_folder()
     with open(os.path.join(args.drafter, "config.json")) as f:

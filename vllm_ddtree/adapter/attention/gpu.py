@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ddtree.adapter.attention_hook import call_output, tree_metadata, wrap_forward
+from vllm_ddtree.adapter.attention.layer_hook import call_output, tree_metadata, wrap_forward
 from vllm_ddtree.adapter.support import refusal, unsupported_layer_features
 from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
-from vllm_ddtree.tree_attention import tree_attention, warm_up_tree_attention
+from vllm_ddtree.tree_attention import TreeAttentionMetadata, tree_attention, warm_up_tree_attention
 
 BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
 
@@ -35,6 +35,15 @@ def _impl_classes():
 
 def serves(impl) -> bool:
     return isinstance(impl, tuple(_impl_classes()))
+
+
+def cache_layout(name: str, layer) -> str:
+    """Both backends' caches are vLLM's ``"vllm"`` layout (see the module docstring)."""
+    return "vllm"
+
+
+def plan(meta: TreeAttentionMetadata, kv_cache: torch.Tensor) -> None:
+    """Nothing to plan: the kernel reads the step's metadata as it is."""
 
 
 def hook(name: str, layer) -> None:

@@ -1,6 +1,7 @@
-"""A toy target with known conditionals, generation loops over it, and the toy demo.
+"""A tool, not a step of the round: a toy target with known conditionals, generation loops over it
+(through :func:`vllm_ddtree.tree_round.tree_round`), and the toy demo.
 
-Used by the losslessness tests and the round benchmark, and runnable as ``python -m vllm_ddtree.toy``:
+Used by the losslessness tests and the round benchmark, and runnable as ``python -m vllm_ddtree.tools.toy``:
 the same drafter as a chain and as a tree, on a batch, with tau for both. The target is a second-order Markov model over a small vocabulary: the logits of the next token are
 ``table[previous-but-one token, previous token]``. Its conditional at every tree node follows from the
 node's path, so a whole tree's target logits are two gathers, and the exact distribution of the first
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ddtree.tree import build_tree
-from vllm_ddtree.verify import TreeSampling, sample_target_tokens, verify_tree
+from vllm_ddtree.tree_round import tree_round
+from vllm_ddtree.verify import TreeSampling, sample_target_tokens
 
 
 class MarkovTarget:
@@ -44,7 +45,8 @@ class MarkovTarget:
 
 
 def generate_with_trees(target, context, length, sampling, depth, budget, noise=0.5, sharp=False, seed=0):
-    """Rounds of draft -> tree -> verify until every request has ``length`` tokens.
+    """Rounds of :func:`vllm_ddtree.tree_round.tree_round` (draft -> tree -> target -> verify; the toy
+    target keeps no KV) until every request has ``length`` tokens.
 
     Returns the tokens ``[R, length]`` and the number of rounds (target steps) each request took.
     """
@@ -58,9 +60,9 @@ def generate_with_trees(target, context, length, sampling, depth, budget, noise=
         full = torch.cat([ctx, out], 1)
         prev1 = full.gather(1, (len(context) + lens - 1).unsqueeze(1)).squeeze(1)
         prev2 = full.gather(1, (len(context) + lens - 2).unsqueeze(1)).squeeze(1)
-        tree = build_tree(target.draft_logits(prev2, prev1, depth, noise, gen, sharp), budget)
-        verdict = verify_tree(tree, target.tree_logits(tree, prev2, prev1), sampling,
-                              root_positions=len(context) - 1 + lens)
+        _, verdict = tree_round(target.draft_logits(prev2, prev1, depth, noise, gen, sharp), budget,
+                                lambda tree: target.tree_logits(tree, prev2, prev1), sampling,
+                                root_positions=len(context) - 1 + lens)
         emitted = verdict.num_accepted + 1
         active = lens < length
         j = torch.arange(depth + 1)

