@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 STAMP="$VENV/.ddtree-env-stamp"
-want=$(cat scripts/setup_env.sh pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/setup_env.sh pyproject.toml setup.py 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0
 fi
