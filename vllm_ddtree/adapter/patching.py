@@ -46,14 +46,6 @@ def vllm_path(owner, name: str) -> str:
                        "not list (vllm_ddtree/adapter/compat.py)")
 
 
-def _check_listed(path: str) -> None:
-    from vllm_ddtree.adapter.compat import REQUIRED
-
-    if path not in REQUIRED:
-        raise RuntimeError(f"ddtree patches {path}, which its compatibility table does not list "
-                           "(vllm_ddtree/adapter/compat.py)")
-
-
 def wrap(owner, name: str, make: Callable[[Any], Callable]) -> bool:
     """``owner.name = make(original)``, once (False if it was already patched).
 
@@ -69,23 +61,18 @@ def wrap(owner, name: str, make: Callable[[Any], Callable]) -> bool:
         getter = _marked(make(defined.fget), defined.fget)
         setattr(owner, name, property(getter))
         return True
-    original = getattr(owner, name)
-    if is_patched(original) or (not isinstance(owner, type) and is_patched(vars(owner).get(name))):
+    original = getattr(owner, name)  # on an instance, its own attribute first: a patch of ours
+    if is_patched(original):
         return False
     setattr(owner, name, _marked(make(original), original))
     return True
 
 
 def _marked(wrapper, original):
-    if getattr(wrapper, "__wrapped__", None) is None and callable(original) and callable(wrapper):
-        try:
-            functools.update_wrapper(wrapper, original)
-        except (AttributeError, TypeError):  # e.g. a bound method's attributes
-            pass
-    try:
-        setattr(wrapper, MARK, True)
-    except AttributeError:  # a bound method: mark its function
-        setattr(wrapper.__func__, MARK, True)
+    """``wrapper`` with the name and docstring of ``original`` (unless it took them already) and MARK."""
+    if getattr(wrapper, "__wrapped__", None) is None:
+        functools.update_wrapper(wrapper, original)
+    setattr(wrapper, MARK, True)
     return wrapper
 
 
@@ -111,9 +98,8 @@ def extend_config_class(cls, types: dict[str, Any], new_fields: dict[str, tuple[
     registering twice a no-op)."""
     from pydantic.dataclasses import rebuild_dataclass
 
-    for name in types:
-        _check_listed(f"{cls.__module__}.{cls.__qualname__}.{name}")
     for name, kind in types.items():
+        vllm_path(cls, name)
         cls.__annotations__[name] = kind
         cls.__dataclass_fields__[name].type = kind
     for name, (kind, default) in new_fields.items():
