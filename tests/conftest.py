@@ -18,9 +18,9 @@ def device() -> str:
     return DEVICE
 
 
-# The end-to-end tests' shared models and reference outputs (tests/tiny_engines.py runs the engines),
-# built once per session.
-from tiny_engines import PROMPTS, STRUCTURED_ENGINE, feature_params, generate, structured_params  # noqa: E402
+# The end-to-end tests' shared models and reference outputs, built once per session. vLLM (through
+# tests/tiny_engines.py, which runs the engines) is imported only where a fixture needs it: the core's
+# tests also run on a GPU machine that has torch and triton but no vLLM (scripts/gpu_checks.sh).
 from tiny_models import write_dflash_drafter, write_target  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(models):
+    from tiny_engines import generate
+
     return generate(models)[0]
 
 
@@ -43,6 +45,8 @@ def flat(models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def feature_reference(models, reference):
+    from tiny_engines import PROMPTS, feature_params, generate
+
     names, params = feature_params(models, reference)
     tokens = generate(models, PROMPTS, params)[0]
     for i, name in enumerate(names):  # each feature changes the answer; the other prompts keep theirs
@@ -52,6 +56,8 @@ def feature_reference(models, reference):
 
 @pytest.fixture(scope="session")
 def structured_reference(models, reference):
+    from tiny_engines import PROMPTS, STRUCTURED_ENGINE, generate, structured_params
+
     kinds, params = structured_params()
     tokens = generate(models, PROMPTS, params, **STRUCTURED_ENGINE)[0]
     for i, kind in enumerate(kinds):
