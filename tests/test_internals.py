@@ -1,6 +1,5 @@
 """The adapter inside a live engine: no host reads in a step, the engine settings it applies, which
-caches the commit moves, the drafter's context after tree steps, the profiling-time reservation, and
-that every patch of vLLM is one the compatibility table checks."""
+caches the commit moves, the drafter's context after tree steps, the profiling-time reservation."""
 
 import pytest
 from tiny_engines import FREE_ROWS, GREEDY, PROMPTS, run
