@@ -31,7 +31,12 @@ def _request_of_tile(query_start_ptr, tile, num_requests, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
-@triton.jit
+# Triton specializes integer arguments on a GPU (a value of 1 becomes a constant, a multiple of 16 gets
+# an alignment hint), each variant its own compile: the arguments that change from step to step (the
+# batch's request count and row count) and the block table's width (the warm-up's stand-in table is
+# narrower than the engine's) are left unspecialized, so that the engine-start warm-up compiles every
+# variant a live step launches (tests/test_emulated_gpu.py checks the keys).
+@triton.jit(do_not_specialize=["num_requests", "stride_bt", "split_stride"])
 def tree_attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr,
     query_start_ptr,   # [R + 1] int32: query rows of request r are query_start[r] .. query_start[r+1]-1
@@ -147,26 +152,28 @@ def tree_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_stride"])  # the step's row count (see tree_attention_kernel)
 def merge_splits_kernel(
     out_ptr, partial_ptr, lse_ptr,
     stride_o_tok, stride_o_head,
     num_heads, split_stride,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
 ):
-    # One program per (query row, head): the split outputs weighed by their share of the row's
-    # softmax mass, exp(lse_s - max lse); a row no split saw (all -inf) stays 0.
+    # One program per (query row, block of BLOCK_H heads): the split outputs weighed by their share of
+    # the row's softmax mass, exp(lse_s - max lse); a row no split saw (all -inf) stays 0.
     token = tl.program_id(0)
-    head = tl.program_id(1)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_PAD)
-    flat = s * split_stride + token * num_heads + head
-    lse = tl.load(lse_ptr + flat, mask=s < NUM_SPLITS, other=float("-inf"))
+    s_ok = (s < NUM_SPLITS)[:, None] & (h < num_heads)[None, :]
+    flat = s[:, None] * split_stride + token * num_heads + h[None, :]  # [splits, heads]
+    lse = tl.load(lse_ptr + flat, mask=s_ok, other=float("-inf"))
     top = tl.max(lse, 0)
-    weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
+    weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top)[None, :])
     total = tl.sum(weight, 0)
-    part = tl.load(partial_ptr + flat[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    merged = tl.sum(part * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + d, merged.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    part = tl.load(partial_ptr + flat[:, :, None] * HEAD_DIM + d[None, None, :],
+                   mask=s_ok[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0)
+    merged = tl.sum(part * weight[:, :, None], 0) / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + token * stride_o_tok + h[:, None] * stride_o_head + d[None, :],
+             merged.to(out_ptr.dtype.element_ty), mask=(h < num_heads)[:, None] & (d < HEAD_DIM)[None, :])

@@ -1,10 +1,10 @@
 """The GPU attention hook: vLLM's FlashAttention and Triton backend layers, hooked by a ddtree engine,
 compute a tree step with our kernel over their own cache layout.
 
-vLLM's GPU kernels do not exist in the CPU build, so these tests hook instances of the real backend
-classes and call their ``forward`` on CPU tensors with the Triton kernel interpreted; the engine around
-it is tested end to end on the CPU backend (``test_lossless.py`` and the other engine tests), whose hook shares everything but
-the cache view.
+These tests hook instances of the real backend classes and call their ``forward`` on CPU tensors with
+the Triton kernel interpreted: the only way FLASH_ATTN's hook runs here (its kernels are CUDA). A whole
+engine on TRITON_ATTN, whose hook shares everything with FLASH_ATTN's, runs end to end in
+``test_emulated_gpu.py``.
 """
 
 from types import SimpleNamespace

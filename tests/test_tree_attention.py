@@ -208,14 +208,15 @@ def test_warm_up_launches_every_split_count(device):
     assert torch.equal(cache, before)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80])
-def test_split_merge_kernel_matches_torch(head_dim, device):
+@pytest.mark.parametrize("head_dim,H", [(64, 3), (80, 3), (64, 40)])
+def test_split_merge_kernel_matches_torch(head_dim, H, device):
     # The merge: out = sum_s softmax_s(lse) * partial_s per (row, head); a row whose splits are all
-    # empty (-inf) stays 0; the output may be a strided view, as vLLM's is.
+    # empty (-inf) stays 0; the output may be a strided view, as vLLM's is. 40 heads take two
+    # programs a row (32 heads each at these sizes), the second one part-masked.
     from vllm_ddtree.tree_attention import merge_splits
 
-    gen = torch.Generator().manual_seed(head_dim)
-    S, T, H = 4, 6, 3
+    gen = torch.Generator().manual_seed(head_dim + H)
+    S, T = 4, 6
     partial = torch.randn(S, T, H, head_dim, generator=gen)
     lse = torch.randn(S, T, H, generator=gen) * 3
     lse[1:, 2] = float("-inf")  # row 2: one split saw keys

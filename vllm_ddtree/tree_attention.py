@@ -53,12 +53,14 @@ class TreeAttentionMetadata:
 def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    meta: TreeAttentionMetadata, scale: float, out: torch.Tensor | None = None,
                    block_q: int | None = None, block_n: int = 64, num_warps: int | None = None,
-                   num_stages: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                   num_stages: int | None = None, num_splits: int | None = None,
+                   multiprocessors: int | None = None) -> torch.Tensor:
     """Launches the Triton kernel: see the module docstring. ``block_n`` keys per inner iteration
     (a power of two >= 16; it may span several KV blocks); ``num_warps``/``num_stages`` default to
     Triton's. ``num_splits`` > 1 splits each tile's keys over that many programs and merges their
     partial outputs by log-sum-exp (split-K); by default :func:`choose_num_splits` picks it from the
-    batch's shape (host values only, so the launch stays capturable)."""
+    batch's shape (host values only, so the launch stays capturable) for ``multiprocessors`` (by
+    default a CUDA device's own; off CUDA nothing is split unless it is given)."""
     import triton
     import triton.language as tl
 
@@ -87,11 +89,11 @@ def tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     compute = tl.float32 if interpreted or query.dtype == torch.float32 else (
         tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16)
     tiles = T // block_q + R
-    if num_splits is None and query.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        num_splits = choose_num_splits(tiles * kv_heads, meta.block_table.shape[1] * page, sms)
-    elif num_splits is None:
-        num_splits = 1
+    if multiprocessors is None and query.is_cuda:
+        multiprocessors = torch.cuda.get_device_properties(query.device).multi_processor_count
+    if num_splits is None:
+        num_splits = 1 if multiprocessors is None else choose_num_splits(
+            tiles * kv_heads, meta.block_table.shape[1] * page, multiprocessors)
     if num_splits < 1:
         raise ValueError(f"num_splits {num_splits} must be >= 1")
     split = {}
@@ -125,8 +127,7 @@ def choose_num_splits(programs: int, max_keys: int, sms: int) -> int:
     """Key splits (one of :data:`SPLIT_CHOICES`) for a GPU launch of ``programs`` (tile, KV head)
     programs whose requests hold at most ``max_keys`` keys (the block table's width: a shape, so no
     device value is read): the fewest that make the grid cover about two waves of ``sms``
-    multiprocessors, keeping at least 256 keys a split. Not yet tuned on a GPU. Elsewhere the
-    launcher does not split (the interpreter's tests choose)."""
+    multiprocessors, keeping at least 256 keys a split. Not yet tuned on a GPU."""
     wanted = min(-(-2 * sms // max(programs, 1)), max_keys // 256)
     return next((n for n in SPLIT_CHOICES if n >= wanted), SPLIT_CHOICES[-1]) if wanted > 1 else 1
 
@@ -168,10 +169,12 @@ def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
     from vllm_ddtree.kernels.tree_attention import merge_splits_kernel
 
     S, T, num_heads, head_dim = partial.shape
-    merge_splits_kernel[(T, num_heads)](
+    splits_pad, head_pad = triton.next_power_of_2(S), triton.next_power_of_2(head_dim)
+    # As many heads a program as keep its [splits, heads, head_dim] tile within 8192 values.
+    block_h = min(triton.next_power_of_2(num_heads), max(1, 8192 // (splits_pad * head_pad)))
+    merge_splits_kernel[(T, triton.cdiv(num_heads, block_h))](
         out, partial, lse, out.stride(0), out.stride(1), num_heads, T * num_heads,
-        NUM_SPLITS=S, SPLITS_PAD=triton.next_power_of_2(S), HEAD_DIM=head_dim,
-        HEAD_PAD=triton.next_power_of_2(head_dim))
+        NUM_SPLITS=S, SPLITS_PAD=splits_pad, BLOCK_H=block_h, HEAD_DIM=head_dim, HEAD_PAD=head_pad)
 
 
 def visibility_mask(meta: TreeAttentionMetadata, r: int) -> torch.Tensor:

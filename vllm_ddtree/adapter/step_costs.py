@@ -1,19 +1,19 @@
 """The cost model of the cost-aware budget (:mod:`vllm_ddtree.budget`), for one engine.
 
 C_step(rows): a target step over that many query rows (vLLM's dummy forward, with attention metadata
-on GPUs, plus the LM head over every row: a verify step needs logits for all of them; on CPU vLLM's
-dummy attention crashes its kernel, so there the attention is left out).
+on the GPU backends, plus the LM head over every row: a verify step needs logits for all of them; on
+vLLM's CPU backend its dummy attention crashes the kernel, so there the attention is left out).
 C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
-each, its LM head over D rows each, and the tree build), and on CPU the dense tree attention that a
-tree step runs in every target layer instead of vLLM's kernel. Both are timed at engine start on the
-engine's own device (median of 3 after a warm-up, one when a pass takes over 0.25 s, at powers of two
-up to what one step can hold),
-fitted monotone convex, logged in one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``)
-under a key of everything they depend on (models, dtype, device, parallel sizes, budget, scheduler
-limits, vLLM version) so that a restart does not pay them again. A user's table
-(``"ddtree_step_costs"``: a JSON file or a dict ``{"step": {rows: seconds}, "draft": {requests:
-seconds}}``) replaces the measurement. With tensor parallelism every rank uses rank 0's tables, so
-that every rank keeps the same nodes.
+each, its LM head over D rows each, and the tree build), and on the CPU backend the dense tree
+attention that a tree step runs in every target layer instead of vLLM's kernel (each backend's
+``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention``, :mod:`vllm_ddtree.adapter.attention`).
+Both are timed at engine start on the engine's own device (median of 3 after a warm-up, one when a pass
+takes over 0.25 s, at powers of two up to what one step can hold), fitted monotone convex, logged in
+one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``) under a key of everything they depend
+on (models, dtype, device, parallel sizes, budget, scheduler limits, vLLM version) so that a restart
+does not pay them again. A user's table (``"ddtree_step_costs"``: a JSON file or a dict ``{"step":
+{rows: seconds}, "draft": {requests: seconds}}``) replaces the measurement. With tensor parallelism
+every rank uses rank 0's tables, so that every rank keeps the same nodes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from vllm_ddtree.adapter import cuda_only
 from vllm_ddtree.adapter.options import read_table
 from vllm_ddtree.budget import StepCosts
 from vllm_ddtree.tree import build_tree
@@ -74,44 +75,25 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
     drafter = runner.drafter
     vocab = runner.model_config.get_vocab_size()
 
-    # vLLM's dummy attention metadata is safe on GPUs (its warm-up and capture use it) but crashes
-    # vLLM 0.32's CPU attention kernel: on CPU the target's attention is left out of C_step.
-    with_attention = runner.device.type == "cuda"
+    backend = state.target.backend
+    fused = backend.FUSED_TREE_BUILD
 
     def target_step(rows):
-        hidden, _ = runner._dummy_run(rows, force_attention=with_attention)
+        hidden, _ = runner._dummy_run(rows, force_attention=backend.DUMMY_RUN_ATTENTION)
         runner.model.compute_logits(hidden[:rows])
 
     def drafter_pass(requests):
         drafter.dummy_run(requests * (state.options.depth + 1))
         logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.options.depth])
-        build_tree(logits.view(requests, state.options.depth, -1)[..., :vocab], state.options.budget)
+        build_tree(logits.view(requests, state.options.depth, -1)[..., :vocab], state.options.budget, fused=fused)
 
     def speculative_pass(requests):
         drafter_pass(requests)
-        if runner.device.type == "cpu":
-            _cpu_tree_attention(runner, state, requests)
+        backend.extra_tree_attention(state, requests)
 
     step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
     draft = {r: _median_seconds(speculative_pass, r, runner.device) for r in _grid(max_requests)}
     return step, draft
-
-
-def _cpu_tree_attention(runner, state, requests: int, context: int = 256) -> None:
-    """What a tree step costs on vLLM's CPU backend beyond its rows: every target layer attends to each
-    tree request's context through the dense-mask path (vLLM's own kernel serves other steps). One
-    layer's cost, run once per layer, at a nominal context, with a random tree."""
-    from vllm_ddtree.tree_attention import plan_dense, tree_attention_dense, uniform_tree_metadata
-
-    layer = next(iter(state.target.layers.values()))
-    cache, impl, layout = layer.kv_cache, layer.impl, state.target.kv_layout
-    N, page, dev = state.options.budget + 1, cache.shape[2], runner.device
-    tree = build_tree(torch.randn(requests, state.options.depth, 64, device=dev), state.options.budget)
-    meta = uniform_tree_metadata(tree.ancestor_bits, context, page, cache.shape[0])
-    query = torch.randn(requests * N, impl.num_heads, impl.head_size, dtype=cache.dtype, device=dev)
-    plan = plan_dense(meta, page)
-    for _ in state.target.layers:
-        tree_attention_dense(query, cache, layout, meta, impl.scale, plan=plan)
 
 
 def _grid(limit: int) -> list[int]:
@@ -127,8 +109,7 @@ def _grid(limit: int) -> list[int]:
 @torch.inference_mode()
 def _median_seconds(fn, size: int, device) -> float:
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        cuda_only.synchronize(device)
 
     sync()
     start = time.perf_counter()
@@ -177,7 +158,7 @@ def _key_fields(runner, state, max_rows: int) -> dict:
     import vllm
 
     device = runner.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    name = cuda_only.device_name(device)
     parallel = runner.parallel_config
     return {"target": runner.model_config.model, "drafter": runner.speculative_config.draft_model_config.model,
             "dtype": str(runner.model_config.dtype), "device": name, "tp": parallel.tensor_parallel_size,

@@ -11,8 +11,8 @@ engine start
 * ``initialize_kv_cache``: the target's attention layers are hooked and checked
   (:func:`attach_target_layers`), their caches noted for the commit, the step's kernels warmed up;
   a cost-aware engine gets its step costs (:mod:`~vllm_ddtree.adapter.step_costs`);
-* ``_dummy_sampler_run``: on GPUs, vLLM's memory profile also reserves the largest tree step
-  (:mod:`~vllm_ddtree.adapter.memory`);
+* ``_dummy_sampler_run``: vLLM's memory profile (GPU workers always run one, CPU workers for compiled
+  models) also reserves the largest tree step (:mod:`~vllm_ddtree.adapter.memory`);
 
 each step
 * ``_prepare_inputs`` (3, layout): after vLLM laid the step out, the tree rows' RoPE positions and the
@@ -98,12 +98,16 @@ def _patch_instance(runner, state: DDTreeState) -> None:
     def _dummy_sampler_run(original):
         def hooked(*args, **kwargs):
             output = original(*args, **kwargs)
-            if runner.device.type == "cuda":  # inside vLLM's memory profile: reserve the tree step's peak
-                scheduler = runner.scheduler_config
-                reserve_tree_step_memory(scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
-                                         state.options.budget, state.options.depth,
-                                         runner.model_config.get_vocab_size(), runner.model_config.dtype,
-                                         runner.device)
+            # Inside vLLM's memory profile (and the GPU worker's sampler warm-up, after the KV cache is
+            # allocated: the same peak again): reserve the tree step's peak. The layers are not hooked
+            # yet; their backend is known from the model.
+            backend = attention.target_backend(runner.compilation_config.static_forward_context,
+                                               runner.drafter._draft_attn_layer_names)
+            scheduler = runner.scheduler_config
+            reserve_tree_step_memory(scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
+                                     state.options.budget, state.options.depth,
+                                     runner.model_config.get_vocab_size(), runner.model_config.dtype,
+                                     runner.device, fused=backend.FUSED_TREE_BUILD)
             return output
 
         return hooked
@@ -164,8 +168,9 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
 
     Raises at engine start for a target the tree path cannot serve: layers spread over several KV
     cache groups, or an attention backend or layer feature the tree kernel does not compute. The tree
-    build runs once at the engine's shapes (on a GPU its Triton kernel compiles, on CPU the beams'
-    index grids are made) and the attention backend warms up, so that no live step waits for either.
+    build runs once at the engine's shapes (with a GPU backend its Triton kernel compiles, on CPU the
+    beams' index grids are made) and the attention backend warms up, so that no live step waits for
+    either.
     """
     drafter_layers = getattr(runner.drafter, "_draft_attn_layer_names", None)
     if drafter_layers is None:
@@ -180,5 +185,6 @@ def attach_target_layers(runner, state: DDTreeState) -> None:
                                                 next(iter(group_of.values())))
     budget, depth = state.options.budget, state.options.depth
     vocab = runner.model_config.get_vocab_size()
-    build_tree(torch.zeros(1, depth, min(budget, vocab), device=runner.device), budget)
+    build_tree(torch.zeros(1, depth, min(budget, vocab), device=runner.device), budget,
+               fused=state.target.backend.FUSED_TREE_BUILD)
     attention.warm_up(state.target, budget, depth, runner.model_config.dtype)

@@ -5,10 +5,10 @@ gets it as its ``forward``: same call, same output format, -1 padded rows). On a
 the target's logits over every request's tree rows, processes each node's row as vLLM's sampler
 would (:mod:`~vllm_ddtree.adapter.logits_processing`), picks one target token per node and walks each
 tree (:func:`vllm_ddtree.verify.verify_tree`), then commits: the accepted path's target KV is moved
-behind the prefix (:mod:`vllm_ddtree.kv_commit`) in the same call, and the drafter's input rows of the
-step (its hidden states and positions) when vLLM hands them to the drafter later in the step
-(:func:`commit_drafter_inputs`), so that the drafter sees what a chain that accepted the same tokens
-leaves it. Steps without trees go to vLLM's own samplers.
+behind the prefix (:mod:`vllm_ddtree.kv_commit`, through the attention backend's ``commit``) in the
+same call, and the drafter's input rows of the step (its hidden states and positions) when vLLM
+hands them to the drafter later in the step (:func:`commit_drafter_inputs`), so that the drafter sees
+what a chain that accepted the same tokens leaves it. Steps without trees go to vLLM's own samplers.
 
 In:  the step's :class:`~vllm_ddtree.adapter.state.StepTrees`, flat logits ``[T, V]``, vLLM's
      sampling metadata. Out: vLLM's ``SamplerOutput`` (``[R, D+1]`` tokens, -1 after each path).
@@ -21,8 +21,7 @@ import torch
 from vllm_ddtree.adapter.logits_processing import node_processing
 from vllm_ddtree.adapter.state import DDTreeState, StepTrees
 from vllm_ddtree.adapter.step_layout import write_chain_positions
-from vllm_ddtree.kv_commit import commit_accepted_kv, commit_accepted_rows, commit_accepted_tokens, paged_kv_views, \
-    plan_commit
+from vllm_ddtree.kv_commit import commit_accepted_rows, plan_commit
 from vllm_ddtree.node_logits import node_processor
 from vllm_ddtree.verify import TreeSampling, row_layout, verify_tree
 
@@ -90,12 +89,10 @@ class TreeVerifier:
         return sampler.gather_logprobs(values, meta.max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
     def _commit_kv(self, step, accepted_nodes) -> None:
-        caches, layout = self.state.target.kv_caches, self.state.target.kv_layout
-        plan = plan_commit(step.attention.block_table, caches[0].shape[2], step.root_positions, accepted_nodes)
-        if caches[0].is_cuda:  # the Triton kernel, one launch per view, no host read
-            commit_accepted_kv([view for cache in caches for view in paged_kv_views(cache, layout)], plan)
-        elif plan.moves.any():  # CPU: the host is the device, so reading it costs nothing; most paths
-            commit_accepted_tokens(caches, layout, plan)  # are contiguous and move nothing
+        target = self.state.target
+        plan = plan_commit(step.attention.block_table, target.kv_caches[0].shape[2], step.root_positions,
+                           accepted_nodes)
+        target.backend.commit(target.kv_caches, target.kv_layout, plan)
 
 
 def commit_drafter_inputs(step: StepTrees, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:

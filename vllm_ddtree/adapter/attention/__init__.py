@@ -7,7 +7,15 @@ backend, each offering the same few functions:
 * ``cache_layout(name, layer)``: the :data:`vllm_ddtree.kv_commit.LAYOUTS` entry of its cache;
 * ``plan(meta, kv_cache)``: the step's plan for every layer, made once per step before the forward;
 * ``warm_up(layer, budget, depth, dtype)``: at engine start, what would otherwise wait for the first
-  tree step (compiles).
+  tree step (compiles);
+
+and the choices of the rest of the step that go with the backend (never with the tensors' device, so
+that an emulated GPU engine runs the GPU path: tests/emulated_gpu.py):
+
+* ``commit(kv_caches, layout, plan)``: round step 5's KV commit;
+* ``FUSED_TREE_BUILD``: the tree builder (:func:`vllm_ddtree.tree.build_tree`'s ``fused``);
+* ``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention(state, requests)``: how step costs are timed
+  (:mod:`vllm_ddtree.adapter.step_costs`).
 
 :data:`BACKENDS`: :mod:`.cpu` (vLLM's CPU backend) and :mod:`.gpu` (FLASH_ATTN, TRITON_ATTN).
 :func:`hook_target_layers` picks the backend of the layers in use and hooks them all.
@@ -23,7 +31,7 @@ from vllm_ddtree.adapter.state import TargetLayers
 from vllm_ddtree.adapter.support import refusal
 
 BACKENDS = (cpu, gpu)
-__all__ = ["BACKENDS", "TREE_METADATA", "backend_of", "hook_target_layers", "warm_up"]
+__all__ = ["BACKENDS", "TREE_METADATA", "backend_of", "hook_target_layers", "target_backend", "warm_up"]
 
 
 def backend_of(name: str, layer):
@@ -34,6 +42,13 @@ def backend_of(name: str, layer):
     raise ValueError(f'speculative_config method "ddtree" runs tree attention on vLLM\'s CPU, FLASH_ATTN and '
                      f"TRITON_ATTN backends; target layer {name} uses {type(layer.impl).__name__}: start the "
                      "engine with --attention-backend FLASH_ATTN (or TRITON_ATTN)")
+
+
+def target_backend(layers: dict[str, object], drafter_layers) -> object:
+    """The backend of the target's attention layers (``name -> layer``, the drafter's names left out),
+    known from the model alone: for what runs before the layers are hooked (vLLM's memory profile)."""
+    name, layer = next((n, layer) for n, layer in layers.items() if hasattr(layer, "impl") and n not in drafter_layers)
+    return backend_of(name, layer)
 
 
 def hook_target_layers(layers: dict[str, object], kv_group: int) -> TargetLayers:

@@ -11,18 +11,32 @@ The hook runs in eager Python, so ddtree needs piecewise CUDA graphs (attention 
 :mod:`vllm_ddtree.adapter.config` sets that mode. What the kernel does not implement (ALiBi, logit
 soft-capping, attention sinks, sliding windows, quantized KV caches, non-decoder attention) is refused
 when the layer is hooked, at engine start.
+
+The rest of a step beside these backends is the GPU path too, whatever the tensors' device (so an
+engine emulated with Triton's interpreter runs it, tests/emulated_gpu.py): the one-launch Triton tree
+build (:data:`FUSED_TREE_BUILD`), the KV commit's Triton kernel (:func:`commit`), split-K for the
+device's multiprocessors (:mod:`vllm_ddtree.adapter.cuda_only`), and step costs timed on vLLM's dummy
+runs with their attention (:data:`DUMMY_RUN_ATTENTION`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_ddtree.adapter import cuda_only
 from vllm_ddtree.adapter.attention.layer_hook import call_output, tree_metadata, wrap_forward
 from vllm_ddtree.adapter.support import refusal, unsupported_layer_features
-from vllm_ddtree.kv_commit import commit_accepted_kv, paged_kv_views, plan_commit
+from vllm_ddtree.kv_commit import CommitPlan, commit_accepted_kv, paged_kv_views, plan_commit
 from vllm_ddtree.tree_attention import TreeAttentionMetadata, tree_attention, warm_up_tree_attention
 
 BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
+
+# The tree build's one-launch Triton selection (vllm_ddtree.tree.build_tree(fused=True)).
+FUSED_TREE_BUILD = True
+
+# vLLM's dummy runs (step-cost timing) run these backends' attention on dummy metadata, as vLLM's own
+# warm-up and graph capture do; a tree step's attention costs about what their causal rows cost.
+DUMMY_RUN_ATTENTION = True
 
 
 def _impl_classes():
@@ -58,10 +72,20 @@ def hook(name: str, layer) -> None:
         n = attn_metadata.num_actual_tokens
         keys, values = paged_kv_views(kv_cache, "vllm")
         tree_attention(query[:n], keys, values, tree_metadata(attn_metadata), impl.scale,
-                       out=output[:n].view(n, impl.num_heads, impl.head_size))
+                       out=output[:n].view(n, impl.num_heads, impl.head_size),
+                       multiprocessors=cuda_only.multiprocessors(query.device))
         return output
 
     wrap_forward(impl, tree_forward)
+
+
+def commit(kv_caches: list[torch.Tensor], layout: str, plan: CommitPlan) -> None:
+    """The KV commit: the Triton kernel, one launch per key or value view, no host read."""
+    commit_accepted_kv([view for cache in kv_caches for view in paged_kv_views(cache, layout)], plan, use_triton=True)
+
+
+def extra_tree_attention(state, requests: int) -> None:
+    """Nothing beyond the dummy run's rows (see :data:`DUMMY_RUN_ATTENTION`)."""
 
 
 def warm_up(layer, budget: int, depth: int, dtype: torch.dtype) -> None:

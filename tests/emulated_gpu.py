@@ -1,0 +1,217 @@
+"""Test scaffolding, never imported by the package: a GPU engine emulated on vLLM's CPU build.
+
+What a GPU user of ddtree runs inside vLLM (the TRITON_ATTN backend's paged cache, our Triton
+tree-attention, KV-commit and tree-build kernels called from a live engine, the engine-start warm-up,
+the memory reservation in vLLM's profiling run, the split-K choice per batch) runs here end to end,
+slowly, on CPU tensors: every Triton kernel, vLLM's and ours, goes through Triton's interpreter.
+What cannot be emulated (CUDA graphs, streams, timing, device properties) stays for a lent GPU.
+
+:func:`install` must run in a fresh process before anything imports vLLM (vLLM decides at import
+whether Triton is usable); it applies these patches, each needed (found by removing it):
+
+* ``TRITON_INTERPRET=1``, and a ``"cpu"`` entry in Triton's backend table while vLLM imports
+  ``vllm/triton_utils/importing.py``: vLLM's CPU build enables Triton only when Triton has a CPU
+  backend. The entry goes once vLLM has decided: torch's inductor, which compiles a few of vLLM's
+  sampler ops on CPU, would otherwise take it for Triton's CPU backend and fail;
+* ``CpuPlatform.get_attn_backend_cls`` returns TRITON_ATTN where it would return CPU_ATTN (the CPU
+  platform offers no other backend);
+* ``torch.cuda.get_device_capability`` returns (9, 0): TRITON_ATTN's cache-writing launcher asks it;
+* vLLM's top-k/top-p sampling op takes its torch path: its Triton kernel does not run under the
+  interpreter (``row_id.to`` on a program id the interpreter gives as an int);
+* the CPU worker profiles memory as vLLM's GPU worker always does (``profile_run`` before the KV cache
+  is sized, which runs the dummy sampler, where ddtree reserves the tree step's memory); the CPU
+  worker does it only for compiled models.
+
+Jobs run in that process: ``python tests/emulated_gpu.py JOBS_JSON OUT_JSON`` (see :func:`run_jobs`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+RUNNER_V1 = "0"
+
+
+def install(v2_runner: bool = False) -> None:
+    if "vllm.triton_utils.importing" in sys.modules:
+        raise RuntimeError("tests/emulated_gpu.py must be installed before vLLM is imported")
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2_runner else RUNNER_V1
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from triton.backends import backends
+
+    backends["cpu"] = types.SimpleNamespace(driver=types.SimpleNamespace(is_active=lambda: False))
+    import vllm.triton_utils.importing  # noqa: F401  (decides HAS_TRITON now, once)
+
+    del backends["cpu"]  # torch's inductor would take it for Triton's CPU backend (vLLM compiles some ops)
+
+    import torch
+
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    cpu_choice = CpuPlatform.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, *args, **kwargs):
+        path = cpu_choice(cls, *args, **kwargs)
+        return AttentionBackendEnum.TRITON_ATTN.get_path() if path == AttentionBackendEnum.CPU_ATTN.get_path() else path
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    topk_topp_sampler.HAS_TRITON = False
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    CPUWorker._should_warm_up_model = lambda self: True
+    CPUModelRunner.warming_up_model = lambda self: self.profile_run()
+    # An emulated device of a few multiprocessors: at these tiny batches a 132-multiprocessor GPU would
+    # always split the keys as far as the context allows; a small one makes the launcher's choice vary.
+    from vllm_ddtree.adapter import cuda_only
+
+    cuda_only.STAND_IN_MULTIPROCESSORS = MULTIPROCESSORS
+
+
+MULTIPROCESSORS = 8
+
+# Our kernels, whose launches are recorded with the compile key Triton's CUDA JIT would give them.
+KERNELS = {"tree_attention": ("vllm_ddtree.kernels.tree_attention", "tree_attention_kernel"),
+           "merge_splits": ("vllm_ddtree.kernels.tree_attention", "merge_splits_kernel"),
+           "kv_commit": ("vllm_ddtree.kernels.kv_commit", "move_kv_slots_kernel"),
+           "tree_build": ("vllm_ddtree.kernels.tree_build", "tree_build_kernel")}
+
+
+class Launches:
+    """Every launch of our kernels, as ``(kernel, compile key)`` by phase (``"start"`` until the first
+    request is generated, then ``"live"``). The key is what Triton's JIT on a CUDA device compiles a
+    kernel for: each constexpr's value, and for every other argument Triton's own specialization
+    (``native_specialize_impl`` with the CUDA backend: the dtype, an integer's being 1 or a multiple of
+    16, a pointer's 16-byte alignment), plus the launch options. A live launch whose key no start-up
+    launch had would compile during a request on a GPU."""
+
+    def __init__(self):
+        import importlib
+        import inspect
+
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        self.phase = "start"
+        self.keys = {"start": set(), "live": set()}
+        for name, (module, attr) in KERNELS.items():
+            kernel = getattr(importlib.import_module(module), attr)
+            signature = inspect.signature(kernel.fn)
+            frozen = set(kernel.kwargs.get("do_not_specialize") or ())
+            unaligned = set(kernel.kwargs.get("do_not_specialize_on_alignment") or ())
+
+            def record(*args, _name=name, _signature=signature, _frozen=frozen, _unaligned=unaligned, **kwargs):
+                options = tuple(sorted((k, kwargs.pop(k)) for k in list(kwargs) if k not in _signature.parameters))
+                bound = _signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                key = []
+                for arg, value in bound.arguments.items():
+                    if "constexpr" in str(_signature.parameters[arg].annotation):
+                        key.append((arg, "constexpr", str(value)))
+                    else:
+                        key.append((arg, *map(str, native_specialize_impl(CUDABackend, value, False, arg not in _frozen,
+                                                                          arg not in _unaligned))))
+                self.keys[self.phase].add((_name, tuple(key), options))
+
+            kernel.add_pre_run_hook(record)
+
+    def uncompiled(self) -> list:
+        """Live keys that no start-up launch had."""
+        return [[name, [list(k) for k in key], [list(o) for o in options]]
+                for name, key, options in sorted(self.keys["live"] - self.keys["start"])]
+
+
+def _params(spec):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from tiny_engines import STRUCTURED
+
+    spec = dict(spec)
+    kind = spec.pop("structured", None)
+    if kind is not None:
+        spec["structured_outputs"] = StructuredOutputsParams(**STRUCTURED[kind])
+    return SamplingParams(**spec)
+
+
+def run_job(job: dict, target: str, drafter: str) -> dict:
+    """One engine: ``job`` = {"spec": speculative config without the drafter's path, or None,
+    "engine": LLM arguments, "prompts": [...], "params": [SamplingParams arguments per prompt] (a
+    "structured" key names a tests/tiny_engines.py constraint), optionally "target"}. Returns tokens,
+    vLLM's counters, sample logprobs (where asked), our kernels' launches, the memory reservations and
+    the step costs measured at engine start."""
+    from vllm_ddtree.adapter import step_costs, v1_runner
+    from vllm_ddtree.tools.engine_runs import run_engine
+
+    from tiny_engines import ENGINE
+
+    launches = Launches()
+    reservations, measured = [], []
+    reserve, measure = v1_runner.reserve_tree_step_memory, step_costs.measure
+
+    def recording_reserve(*args, **kwargs):
+        reservations.append([launches.phase, *reserve(*args, **kwargs)])
+        return reservations[-1][1:]
+
+    def recording_measure(*args, **kwargs):
+        measured.append(measure(*args, **kwargs))
+        return measured[-1]
+
+    v1_runner.reserve_tree_step_memory, step_costs.measure = recording_reserve, recording_measure
+
+    def live(llm):
+        launches.phase = "live"
+
+    spec = job.get("spec")
+    if spec is not None:
+        spec = {"model": drafter, **spec}
+    try:
+        result = run_engine(job.get("target", target), job["prompts"], [_params(p) for p in job["params"]], spec,
+                            before=live, **{**ENGINE, **job.get("engine", {})})
+    finally:
+        v1_runner.reserve_tree_step_memory, step_costs.measure = reserve, measure
+    logprobs = [[[sorted((t, lp.logprob) for t, lp in position.items()) for position in c.logprobs or []]
+                 for c in o.outputs] for o in result.outputs]
+    return {"tokens": result.tokens, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "logprobs": logprobs, "uncompiled": launches.uncompiled(),
+            "launched": sorted({name for name, _, _ in launches.keys["start"] | launches.keys["live"]}),
+            "splits": sorted({int(dict((k[0], k[2]) for k in key)["NUM_SPLITS"])
+                              for name, key, _ in launches.keys["live"] if name == "tree_attention"}),
+            "reservations": reservations,
+            "measured_costs": [[{str(k): v for k, v in table.items()} for table in tables] for tables in measured]}
+
+
+def main(jobs_path: str, out_path: str) -> None:
+    import json
+    import time
+    import traceback
+
+    with open(jobs_path) as f:
+        request = json.load(f)
+    results = {}
+    for name, job in request["jobs"].items():
+        start = time.perf_counter()
+        try:
+            results[name] = run_job(job, request["target"], request["drafter"])
+        except Exception:  # one job's failure is its test's, not every other job's
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - start
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    install(v2_runner=os.environ.get("EMULATED_RUNNER") == "v2")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main(sys.argv[1], sys.argv[2])
