@@ -91,9 +91,9 @@ def top1_chain_trees():
 
     original, calls = drafter.build_tree, [0]
 
-    def chain(draft_logits, budget):
+    def chain(draft_logits, budget, **options):
         calls[0] += 1
-        return original(draft_logits, budget, max_children=1)
+        return original(draft_logits, budget, max_children=1, **options)
 
     drafter.build_tree = chain
     try:

@@ -183,7 +183,8 @@ def run_job(job: dict, target: str, drafter: str) -> dict:
         v1_runner.reserve_tree_step_memory, step_costs.measure = reserve, measure
     logprobs = [[[sorted((t, lp.logprob) for t, lp in position.items()) for position in c.logprobs or []]
                  for c in o.outputs] for o in result.outputs]
-    return {"tokens": result.tokens, "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+    return {"tokens": result.tokens, "prompt_tokens": [len(o.prompt_token_ids) for o in result.outputs],
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
             "logprobs": logprobs, "uncompiled": launches.uncompiled(),
             "launched": sorted({name for name, _, _ in launches.keys["start"] | launches.keys["live"]}),
             "splits": sorted({int(dict((k[0], k[2]) for k in key)["NUM_SPLITS"])
