@@ -61,7 +61,7 @@ def instrument(watch: Stopwatch):
 
     for module, name, label in [(drafter, "build_tree", "  build_tree"),
                                 (verifier, "verify_tree", "  verify_tree"),
-                                (verifier, "commit_accepted_tokens", "  KV commit (all layers)"),
+                                (cpu, "commit_accepted_tokens", "  KV commit (all layers)"),
                                 (v1_runner, "prepare_tree_step", "  prepare_tree_step"),
                                 (cpu, "tree_attention_dense", "  tree attention (all layers)"),
                                 (cpu, "plan_dense", "  tree attention plan")]:

@@ -148,9 +148,10 @@ def test_drafter_context_after_tree_steps_equals_a_chains(models, reference):
 
 
 def test_profile_run_reserves_the_largest_tree_step():
-    # vLLM sizes the KV cache from its profiling run, which only runs the chain sampler over one draft
-    # per request; on GPUs the verifier then also drafts and verifies the largest tree step the
-    # scheduler can form (max_num_seqs trees drafted; as many verified as max_num_batched_tokens holds).
+    # vLLM sizes the KV cache from its profiling run (every GPU engine, CPU engines that compile), which
+    # only runs the chain sampler over one draft per request; ddtree also drafts and verifies there the
+    # largest tree step the scheduler can form (max_num_seqs trees drafted; as many verified as
+    # max_num_batched_tokens holds). In a live engine: tests/test_emulated_gpu.py.
     import torch
     from vllm_ddtree.adapter.memory import reserve_tree_step_memory
 
