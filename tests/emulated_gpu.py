@@ -22,7 +22,8 @@ whether Triton is usable); it applies these patches, each needed (found by remov
   is sized, which runs the dummy sampler, where ddtree reserves the tree step's memory); the CPU
   worker does it only for compiled models.
 
-Jobs run in that process: ``python tests/emulated_gpu.py JOBS_JSON OUT_JSON`` (see :func:`run_jobs`).
+Jobs run in that process: ``python tests/emulated_gpu.py JOBS_JSON OUT_JSON`` (see :func:`run_job`); with
+``EMULATED_RUNNER=v2`` on vLLM's V2 runner (whose CPU subclass profiles memory by itself).
 """
 
 from __future__ import annotations
@@ -31,14 +32,11 @@ import os
 import sys
 import types
 
-RUNNER_V1 = "0"
-
-
 def install(v2_runner: bool = False) -> None:
     if "vllm.triton_utils.importing" in sys.modules:
         raise RuntimeError("tests/emulated_gpu.py must be installed before vLLM is imported")
     os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2_runner else RUNNER_V1
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2_runner else "0"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from triton.backends import backends
