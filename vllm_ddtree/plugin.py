@@ -13,7 +13,7 @@ fails with that message. vLLM calls plugins without catching their errors, so no
 
 from __future__ import annotations
 
-SUPPORTED_VLLM = ">=0.32,<0.34"  # the releases the compat table (vllm_ddtree.adapter.compat) was read from
+SUPPORTED_VLLM = ">=0.32,<0.35"  # the releases the compat tables (vllm_ddtree.adapter.compat) were read from
 
 
 def register() -> None:
@@ -47,16 +47,20 @@ def register() -> None:
 
 def _install() -> list[str]:
     """Imports every module of the adapter, checks vLLM, then patches; returns what does not match."""
-    from vllm_ddtree.adapter import admission, compat, config, structured_outputs, v1_runner
+    from vllm_ddtree.adapter import admission, compat, config, structured_outputs, v1_runner, v2_runner
 
     problems = compat.incompatibilities()
     if problems:
         return problems
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
 
     config.apply()
-    v1_runner.install(GPUModelRunner)
-    structured_outputs.install(Scheduler)
+    if not compat.has_custom_methods():  # 0.32/0.33: the V1 runner too (0.34 removed it)
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        v1_runner.install(GPUModelRunner)
+        structured_outputs.install(Scheduler)
+    v2_runner.install(V2ModelRunner)
     admission.apply()
     return []

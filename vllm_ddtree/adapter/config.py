@@ -8,8 +8,10 @@ wherever vLLM pickles it (engine core, workers). ddtree's two keys of its own, `
 policy) and ``ddtree_step_costs`` (a user's cost table), are added to vLLM's config class, which
 forbids unknown keys; other methods refuse them.
 
-A ddtree engine also gets, in ``VllmConfig``, each logged when it applies: the V1 model runner (our
-runner hooks are written for it; V2 comes later); on GPUs piecewise CUDA graphs instead of full ones
+A ddtree engine also gets, in ``VllmConfig``, each logged when it applies: the V1 model runner, where
+every request feature runs on trees, unless ``VLLM_USE_V2_MODEL_RUNNER=1`` asks for V2
+(:mod:`~vllm_ddtree.adapter.v2_runner`, which serves less so far: ``support.V2_SCOPE``; vLLM 0.34 has
+only V2); on GPUs piecewise CUDA graphs instead of full ones
 (the tree-attention hook decides per step in eager Python, outside the captured pieces); async
 scheduling off; attention + quantization fusion off. What it cannot run under is refused here,
 before the engine starts (:mod:`vllm_ddtree.adapter.support` has the rules).
@@ -24,9 +26,10 @@ from __future__ import annotations
 import functools
 import typing
 
-from vllm_ddtree.adapter import patching
+from vllm_ddtree.adapter import compat, patching
 from vllm_ddtree.adapter.options import DDTreeOptions, check_budget, drafter_depth, local_drafter_depth_hint
-from vllm_ddtree.adapter.support import check_engine_settings, check_target, refusal
+from vllm_ddtree.adapter.support import (V2_SCOPE, check_engine_settings, check_target, check_v2_settings,
+                                         refusal)
 
 METHOD = "ddtree"
 
@@ -64,14 +67,51 @@ def hook_ddtree_instances(cls, hook_instance) -> None:
     patching.wrap(cls, "__init__", make)
 
 
+def hook_ddtree_runners(runner_cls, building, patch_instance) -> None:
+    """``runner_cls.__init__`` (a vLLM model runner), once: a runner built for a ddtree config gets
+    its :class:`~vllm_ddtree.adapter.state.DDTreeState` (``runner.ddtree_state``), is built inside
+    ``building(state)`` (a context: vLLM's names swapped so that it builds ddtree's drafter), then
+    ``patch_instance(runner, state)``; a runner built for any other config is untouched."""
+    from vllm_ddtree.adapter.state import DDTreeState
+
+    def make(original_init):
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kwargs):
+            vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+            options = ddtree_options(vllm_config)
+            if options is None:
+                return original_init(self, *args, **kwargs)
+            state = self.ddtree_state = DDTreeState(options)
+            with building(state):
+                original_init(self, *args, **kwargs)
+            patch_instance(self, state)
+
+        return __init__
+
+    patching.wrap(runner_cls, "__init__", make)
+
+
 def apply() -> None:
-    """Makes ``"ddtree"`` a working method, with its options (idempotent)."""
-    _accept_method(_build_ddtree, OPTIONS)
+    """Makes ``"ddtree"`` a working method, with its options (idempotent): on vLLM 0.34+ through its
+    custom-method interface (:mod:`~vllm_ddtree.adapter.custom_method`), before that in vLLM's config
+    classes."""
+    if compat.has_custom_methods():
+        from vllm_ddtree.adapter import custom_method
+
+        custom_method.register()
+    else:
+        _accept_method(_build_ddtree, OPTIONS)
     _apply_engine_defaults()
 
 
 def refuse(message: str) -> None:
     """Makes ``"ddtree"`` a known method that is refused with ``message`` (an incompatible vLLM)."""
+    if compat.has_custom_methods():
+        from vllm_ddtree.adapter import custom_method
+
+        custom_method.register_refusal(message)
+        return
+
     def refused(config, *_):
         raise ValueError(message)
 
@@ -146,26 +186,31 @@ def _apply_engine_defaults() -> None:
             if not is_ddtree(self.speculative_config):
                 return use_v2(self)
             if envs.VLLM_USE_V2_MODEL_RUNNER:
-                raise ValueError('speculative_config method "ddtree" runs on the V1 model runner; unset '
-                                 "VLLM_USE_V2_MODEL_RUNNER (or set it to 0)")
-            log.info_once("ddtree: using the V1 model runner (the tree verifier and KV commit hook into it)")
+                log.info_once("ddtree: using the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1; %s)", V2_SCOPE)
+                return True
+            log.info_once("ddtree: using the V1 model runner (every request feature; VLLM_USE_V2_MODEL_RUNNER=1 "
+                          "selects V2)")
             return False
 
         return use_v2_model_runner
+
+    def piecewise_graphs(config) -> None:
+        mode = config.compilation_config.cudagraph_mode
+        if mode is not None and mode.has_full_cudagraphs():
+            log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
+                     "captured graphs)", mode.name)
+            config.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
     def graph_mode(override_graphs):
         @functools.wraps(override_graphs)
         def _maybe_override_dynamic_sd_cudagraph_mode(self, *args, **kwargs):
             override_graphs(self, *args, **kwargs)
-            if not is_ddtree(self.speculative_config):
-                return
-            mode = self.compilation_config.cudagraph_mode
-            if mode is not None and mode.has_full_cudagraphs():
-                log.info("ddtree: cudagraph_mode %s -> PIECEWISE (tree attention is chosen per step outside the "
-                         "captured graphs)", mode.name)
-                self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+            if is_ddtree(self.speculative_config):
+                piecewise_graphs(self)
 
         return _maybe_override_dynamic_sd_cudagraph_mode
+
+    custom_methods = compat.has_custom_methods()
 
     def engine_settings(post_init):
         @functools.wraps(post_init)
@@ -173,7 +218,11 @@ def _apply_engine_defaults() -> None:
             if not is_ddtree(self.speculative_config):
                 return post_init(self, *args, **kwargs)
             check_engine_settings(self, log)
+            if compat.uses_v2_runner(self):
+                check_v2_settings(self, ddtree_options(self))
             post_init(self, *args, **kwargs)
+            if custom_methods:  # 0.34 resolves its graph mode inside __post_init__, without a hook
+                piecewise_graphs(self)
             passes = self.compilation_config.pass_config
             if getattr(passes, "fuse_attn_quant", False):
                 log.info("ddtree: attention + quantization fusion off (the tree kernel writes unquantized outputs)")
@@ -181,9 +230,10 @@ def _apply_engine_defaults() -> None:
 
         return __post_init__
 
-    patching.wrap(speculative.SpeculativeConfig, "max_num_new_slots_for_drafting", slots_for_drafting)
-    patching.wrap(VllmConfig, "use_v2_model_runner", runner_choice)
-    patching.wrap(VllmConfig, "_maybe_override_dynamic_sd_cudagraph_mode", graph_mode)
+    if not custom_methods:  # 0.34: the custom method's config sizes the drafter; V2 is vLLM's only runner
+        patching.wrap(speculative.SpeculativeConfig, "max_num_new_slots_for_drafting", slots_for_drafting)
+        patching.wrap(VllmConfig, "use_v2_model_runner", runner_choice)
+        patching.wrap(VllmConfig, "_maybe_override_dynamic_sd_cudagraph_mode", graph_mode)
     patching.wrap(VllmConfig, "__post_init__", engine_settings)  # last: it marks the whole set as applied
 
 

@@ -52,7 +52,7 @@ class DDTreeProposer(DFlashProposer):
         state = self.ddtree_state
         step = state.step
         if step is not None and step.accepted_nodes is not None:
-            commit_drafter_inputs(step, inputs["target_hidden_states"], inputs["target_positions"])
+            commit_drafter_inputs(step, [inputs["target_hidden_states"]], inputs["target_positions"])
         num_reqs = inputs["next_token_ids"].shape[0]
         if not state.schedule.drafts_now():
             # Trees do not pay at this batch: keep the drafter's context (its K/V of this step's

@@ -1,6 +1,7 @@
 """The one way ddtree changes vLLM's objects: every patch goes through :func:`wrap` (a function, method
-or property of a class, or a method of one instance), :func:`swapped` (a module attribute, for the
-length of a block) or :func:`extend_config_class` (new fields of a pydantic config dataclass).
+or property of a class, or a method of one instance), :func:`replace` (an object vLLM keeps in an
+instance attribute), :func:`swapped` (a module attribute, for the length of a block) or
+:func:`extend_config_class` (new fields of a pydantic config dataclass).
 
 Each of them names the vLLM internal it changes by its dotted path, and refuses one that the
 compatibility table (:data:`vllm_ddtree.adapter.compat.REQUIRED`) does not list: what is patched is
@@ -74,6 +75,27 @@ def _marked(wrapper, original):
         functools.update_wrapper(wrapper, original)
     setattr(wrapper, MARK, True)
     return wrapper
+
+
+def replace(instance, name: str, value, stands_in_for: str) -> None:
+    """``instance.name = value`` for an object vLLM built and keeps in an instance attribute (V2's
+    runner calls its rejection sampler by attribute, not through a method ddtree could wrap).
+    ``stands_in_for``: the dotted path, in the compatibility table, of the call ``value`` takes over
+    (``<class>.__call__``); the attribute must hold an instance of that class (or be ours already)."""
+    from vllm_ddtree.adapter.compat import REQUIRED, resolve
+
+    if stands_in_for not in REQUIRED:
+        raise RuntimeError(f"ddtree stands in for {stands_in_for}, which its compatibility table does not list "
+                           "(vllm_ddtree/adapter/compat.py)")
+    current = getattr(instance, name)
+    if getattr(current, MARK, False):
+        return
+    cls = resolve(stands_in_for.rsplit(".", 1)[0])
+    if not isinstance(current, cls):
+        raise RuntimeError(f"ddtree expected {type(instance).__name__}.{name} to be a {cls.__name__}, found "
+                           f"{type(current).__name__}")
+    setattr(value, MARK, True)
+    setattr(instance, name, value)
 
 
 @contextlib.contextmanager

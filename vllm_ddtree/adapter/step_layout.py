@@ -41,25 +41,23 @@ def write_chain_positions(positions: torch.Tensor, step: StepTrees) -> None:
     write_tree_positions(positions, step, chain)
 
 
-def prepare_tree_step(state: DDTreeState, spec_decode_metadata, req_ids: list[str], positions: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      num_reqs: int) -> None:
+def prepare_tree_step(state: DDTreeState, num_draft: torch.Tensor | None, req_ids: list[str],
+                      positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_table: torch.Tensor, num_reqs: int) -> None:
     """After vLLM laid the step out: the tree rows' RoPE positions, ``state.step`` and the step's tree
     metadata (``state.pending_attention``), for the batch's first ``num_reqs`` requests
-    (``query_start_loc [R+1]``, ``seq_lens [R]``, ``block_table [R, max_blocks]``, on the device).
-    A step with no drafts leaves ``state.step`` None: vLLM's attention and sampler serve it."""
+    (``num_draft [R]``: the drafts the scheduler kept for each, None when it kept none for any, a
+    host fact; ``query_start_loc [R+1]``, ``seq_lens [R]``, ``block_table [R, max_blocks]``, on the
+    device). A step with no drafts leaves ``state.step`` None: vLLM's attention and sampler serve it."""
     drafted = state.take_drafted()
     state.step = state.pending_attention = None
-    nothing_drafted = spec_decode_metadata is None or not any(spec_decode_metadata.num_draft_tokens)
     if state.options.policy == "cost-aware":
         # Whether the last full drafter pass kept a node for any request: the schedule, a host list
         # every rank gets alike, says so (no device value is read).
-        state.schedule.after_schedule(nothing_drafted, lambda: affordable_probe_interval(state, num_reqs))
-    if nothing_drafted:
+        state.schedule.after_schedule(num_draft is None, lambda: affordable_probe_interval(state, num_reqs))
+    if num_draft is None:
         return
-    dev = positions.device
-    cu_drafts = spec_decode_metadata.cu_num_draft_tokens.to(dev, torch.int64)
-    num_draft = cu_drafts - torch.cat([cu_drafts.new_zeros(1), cu_drafts[:-1]])
+    num_draft = num_draft.to(torch.int64)
     tree = trees_of_batch(drafted, req_ids[:num_reqs], num_draft, state.options.budget, state.options.depth)
     query_start = query_start_loc[: num_reqs + 1].to(torch.int64)
     root_rows = query_start[1:] - (num_draft + 1)
@@ -73,6 +71,18 @@ def prepare_tree_step(state: DDTreeState, spec_decode_metadata, req_ids: list[st
     state.step = StepTrees(tree, num_draft, root_rows, positions[root_rows], attention)
     write_tree_positions(positions, state.step, tree.depths)
     state.pending_attention = attention
+
+
+def attach_tree_metadata(state: DDTreeState, attn_metadata: dict) -> None:
+    """The step's tree metadata onto the target layers' attention metadata (vLLM's ``layer name ->
+    metadata``), where the attention hooks read it; once: a later build in the same step (a dummy
+    run of vLLM's) gets none."""
+    from vllm_ddtree.adapter.attention.layer_hook import TREE_METADATA
+
+    tree, state.pending_attention = state.pending_attention, None
+    if tree is not None:
+        for name in state.target.layers:
+            setattr(attn_metadata[name], TREE_METADATA, tree)
 
 
 def plan_attention(state: DDTreeState) -> None:

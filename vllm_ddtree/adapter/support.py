@@ -107,3 +107,39 @@ def check_parallel_settings(parallel, moe_target: bool) -> None:
                       "follow its own requests)",
                       "use tensor_parallel_size with enable_expert_parallel within a node, and independent "
                       "replicas across nodes")
+
+
+# What ddtree serves on vLLM's Model Runner V2 so far (the V1 runner of 0.32/0.33 serves everything else).
+V2_SCOPE = ("on V2 ddtree runs the fixed budget, with greedy and sampled requests (temperature, top-k, top-p, "
+            "seeds), and tensor parallelism; request features that change logits per token and logprobs run on V1")
+
+
+def v2_alternative() -> str:
+    """Where a setting ddtree does not serve on V2 yet is served: the V1 runner, on releases that have it."""
+    from vllm_ddtree.adapter import compat
+
+    if compat.has_custom_methods():
+        return 'or use method "dflash" with the same drafter (vLLM 0.34 has no V1 runner, where ddtree serves it)'
+    return "or set VLLM_USE_V2_MODEL_RUNNER=0 for the V1 model runner, which serves it"
+
+
+def check_v2_settings(vllm_config, options) -> None:
+    """Engine settings ddtree does not serve on the V2 runner yet, refused before the engine starts
+    (``options``: the engine's DDTreeOptions)."""
+    from vllm_ddtree.adapter import compat
+
+    if options.policy != "fixed":
+        budget = ('"speculator_options": {"ddtree_budget": "fixed"}' if compat.has_custom_methods()
+                  else '"ddtree_budget": "fixed"')
+        raise refusal("the cost-aware budget on vLLM's V2 model runner yet (V2 verifies the same number of nodes "
+                      "for every request)", f"set {budget}, {v2_alternative()}")
+    if getattr(vllm_config.speculative_config, "enable_adaptive_verification", False):
+        raise refusal("adaptive verification (enable_adaptive_verification: V2 would reallocate each request's "
+                      "drafts as a chain's)", "remove enable_adaptive_verification")
+    if getattr(vllm_config, "watermark_config", None) is not None:
+        raise refusal("watermarking (watermark_config: V2's watermark sampler reads drafts as a chain)",
+                      "remove watermark_config")
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1:
+        raise refusal("data parallelism on vLLM's V2 model runner yet (not tested there)",
+                      f"use tensor_parallel_size, or independent engines, {v2_alternative()}")

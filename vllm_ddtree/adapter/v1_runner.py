@@ -31,19 +31,15 @@ each step
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from vllm_ddtree.adapter import attention, patching
-from vllm_ddtree.adapter.config import ddtree_options
-from vllm_ddtree.adapter.memory import reserve_tree_step_memory
+from vllm_ddtree.adapter import engine_start, patching
+from vllm_ddtree.adapter.config import hook_ddtree_runners
 from vllm_ddtree.adapter.state import DDTreeState
-from vllm_ddtree.adapter.step_layout import plan_attention, prepare_tree_step
+from vllm_ddtree.adapter.step_layout import attach_tree_metadata, plan_attention, prepare_tree_step
 from vllm_ddtree.adapter.structured_outputs import with_parents
 from vllm_ddtree.adapter.verifier import TreeVerifier
 from vllm_ddtree.budget import AcceptanceCalibration
-from vllm_ddtree.tree import build_tree
 
 
 def install(runner_cls) -> None:
@@ -52,23 +48,12 @@ def install(runner_cls) -> None:
 
     from vllm_ddtree.adapter.drafter import DDTreeProposer
 
-    def make(original_init):
-        @functools.wraps(original_init)
-        def __init__(self, *args, **kwargs):
-            vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
-            options = ddtree_options(vllm_config)
-            if options is None:
-                return original_init(self, *args, **kwargs)
-            self.ddtree_state = DDTreeState(options)
-            # The runner builds its drafter by the name DFlashProposer in its module; while a ddtree
-            # runner is built that name is our subclass (isinstance checks against DFlash still hold).
-            with patching.swapped(gpu_model_runner, "DFlashProposer", DDTreeProposer):
-                original_init(self, *args, **kwargs)
-            _patch_instance(self, self.ddtree_state)
+    def building(state):
+        # The runner builds its drafter by the name DFlashProposer in its module; while a ddtree
+        # runner is built that name is our subclass (isinstance checks against DFlash still hold).
+        return patching.swapped(gpu_model_runner, "DFlashProposer", DDTreeProposer)
 
-        return __init__
-
-    patching.wrap(runner_cls, "__init__", make)
+    hook_ddtree_runners(runner_cls, building, _patch_instance)
 
 
 def _patch_instance(runner, state: DDTreeState) -> None:
@@ -98,16 +83,7 @@ def _patch_instance(runner, state: DDTreeState) -> None:
     def _dummy_sampler_run(original):
         def hooked(*args, **kwargs):
             output = original(*args, **kwargs)
-            # Inside vLLM's memory profile (and the GPU worker's sampler warm-up, after the KV cache is
-            # allocated: the same peak again): reserve the tree step's peak. The layers are not hooked
-            # yet; their backend is known from the model.
-            backend = attention.target_backend(runner.compilation_config.static_forward_context,
-                                               runner.drafter._draft_attn_layer_names)
-            scheduler = runner.scheduler_config
-            reserve_tree_step_memory(scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
-                                     state.options.budget, state.options.depth,
-                                     runner.model_config.get_vocab_size(), runner.model_config.dtype,
-                                     runner.device, fused=backend.FUSED_TREE_BUILD)
+            engine_start.reserve_tree_step(state, runner, runner.drafter._draft_attn_layer_names)
             return output
 
         return hooked
@@ -118,7 +94,8 @@ def _patch_instance(runner, state: DDTreeState) -> None:
             scheduler_output = kwargs["scheduler_output"] if "scheduler_output" in kwargs else args[0]
             state.structured_outputs = scheduler_output.has_structured_output_requests
             num_reqs = runner.input_batch.num_reqs
-            prepare_tree_step(state, out[1], runner.input_batch.req_ids, runner.positions,
+            prepare_tree_step(state, scheduled_drafts(out[1], runner.device), runner.input_batch.req_ids,
+                              runner.positions,
                               runner.query_start_loc.gpu, runner.seq_lens,
                               runner.input_batch.block_table[state.target.kv_group].get_device_tensor(num_reqs),
                               num_reqs)
@@ -130,10 +107,7 @@ def _patch_instance(runner, state: DDTreeState) -> None:
     def _build_attention_metadata(original):
         def hooked(*args, **kwargs):
             attn_metadata, common = original(*args, **kwargs)
-            tree, state.pending_attention = state.pending_attention, None
-            if tree is not None:
-                for name in state.target.layers:
-                    setattr(attn_metadata[name], attention.TREE_METADATA, tree)
+            attach_tree_metadata(state, attn_metadata)
             return attn_metadata, common
 
         return hooked
@@ -163,28 +137,19 @@ def _patch_instance(runner, state: DDTreeState) -> None:
         patching.wrap(runner, hook.__name__, hook)
 
 
-def attach_target_layers(runner, state: DDTreeState) -> None:
-    """Hooks every target attention layer for tree steps (``state.target``) and warms the step up.
+def scheduled_drafts(spec_decode_metadata, device) -> torch.Tensor | None:
+    """The drafts the scheduler kept for each request of the step ``[R]``, or None if it kept none."""
+    if spec_decode_metadata is None or not any(spec_decode_metadata.num_draft_tokens):
+        return None
+    cu_drafts = spec_decode_metadata.cu_num_draft_tokens.to(device, torch.int64)
+    return cu_drafts - torch.cat([cu_drafts.new_zeros(1), cu_drafts[:-1]])
 
-    Raises at engine start for a target the tree path cannot serve: layers spread over several KV
-    cache groups, or an attention backend or layer feature the tree kernel does not compute. The tree
-    build runs once at the engine's shapes (with a GPU backend its Triton kernel compiles, on CPU the
-    beams' index grids are made) and the attention backend warms up, so that no live step waits for
-    either.
-    """
+
+def attach_target_layers(runner, state: DDTreeState) -> None:
+    """Engine start on the V1 runner: :func:`~vllm_ddtree.adapter.engine_start.attach_target_layers`
+    with the runner's layers, KV cache groups and model."""
     drafter_layers = getattr(runner.drafter, "_draft_attn_layer_names", None)
     if drafter_layers is None:
         raise RuntimeError("ddtree cannot tell the drafter's attention layers from the target's in this vLLM")
-    group_of = {name: i for i, group in enumerate(runner.kv_cache_config.kv_cache_groups)
-                for name in group.layer_names if name not in drafter_layers}
-    if len(set(group_of.values())) != 1:
-        raise ValueError(f'speculative_config method "ddtree" needs the target\'s attention layers in one KV cache '
-                         f"group (one block table for the tree); this target has {len(set(group_of.values()))}")
-    layers = runner.compilation_config.static_forward_context
-    state.target = attention.hook_target_layers({name: layers[name] for name in group_of},
-                                                next(iter(group_of.values())))
-    budget, depth = state.options.budget, state.options.depth
-    vocab = runner.model_config.get_vocab_size()
-    build_tree(torch.zeros(1, depth, min(budget, vocab), device=runner.device), budget,
-               fused=state.target.backend.FUSED_TREE_BUILD)
-    attention.warm_up(state.target, budget, depth, runner.model_config.dtype)
+    engine_start.attach_target_layers(state, runner.compilation_config.static_forward_context, drafter_layers,
+                                      runner.kv_cache_config.kv_cache_groups, runner.model_config, runner.device)

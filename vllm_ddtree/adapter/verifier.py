@@ -58,7 +58,7 @@ class TreeVerifier:
         step.accepted_nodes = verdict.accepted_nodes
         if self.state.calibration is not None:
             self.state.calibration.update(step.tree.scores, verdict.num_accepted)
-        self._commit_kv(step, verdict.accepted_nodes)
+        _commit_kv(self.state, step, verdict.accepted_nodes)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
             logprobs = self._logprobs(logits, first, step.tree, verdict, sampling_metadata, processing)
@@ -88,21 +88,83 @@ class TreeVerifier:
         values = node_logits if sampler.logprobs_mode.endswith("logits") else sampler.compute_logprobs(node_logits)
         return sampler.gather_logprobs(values, meta.max_num_logprobs, verdict.output_tokens.flatten().clamp(min=0))
 
-    def _commit_kv(self, step, accepted_nodes) -> None:
-        target = self.state.target
-        plan = plan_commit(step.attention.block_table, target.kv_caches[0].shape[2], step.root_positions,
-                           accepted_nodes)
-        target.backend.commit(target.kv_caches, target.kv_layout, plan)
 
 
-def commit_drafter_inputs(step: StepTrees, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
+class V2TreeVerifier:
+    """vLLM Model Runner V2's ``RejectionSampler`` for a ddtree runner: same call, same output
+    (``SamplerOutput`` with ``sampled_token_ids [R, B+1]``, the accepted path's tokens and the bonus
+    token left-aligned, ``num_sampled`` = path length + 1 and ``num_rejected`` = the rest of the
+    request's rows, both as vLLM's own ``get_num_sampled_and_rejected`` leaves them for chunked
+    prefills). Verification and the KV commit run in the call, before vLLM's state update and the
+    drafter's pass, which overwrites this step's slot mappings with its own.
+
+    ``chain``: vLLM's rejection sampler, for vLLM's own warm-up runs (dummy drafts, no trees);
+    ``sampler``: V2's sampler, whose per-request sampling states (indexed by request-state slot)
+    give each request's parameters and seed; ``prefill_len``: the request states' prompt lengths.
+    """
+
+    def __init__(self, state: DDTreeState, chain, sampler, prefill_len, budget: int):
+        self.state = state
+        self.chain = chain
+        self.sampler = sampler
+        self.prefill_len = prefill_len
+        self.budget = budget
+
+    def __call__(self, logits, input_batch, draft_logits=None, invalid_drafts=None):
+        from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
+        from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+        step = self.state.step
+        if step is None:
+            return self.chain(logits, input_batch, draft_logits, invalid_drafts)
+        num_reqs = input_batch.num_reqs
+        first = input_batch.cu_num_logits[:num_reqs].to(torch.int64)
+        sampling = _v2_tree_sampling(self.sampler.sampling_states, input_batch)
+        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first)
+        step.accepted_nodes = verdict.accepted_nodes
+        _commit_kv(self.state, step, verdict.accepted_nodes)
+        # vLLM's layout has B+1 slots a request; a path holds at most min(B, D) + 1 tokens.
+        width = self.budget + 1
+        sampled = verdict.output_tokens[:, :width]
+        if sampled.shape[1] < width:
+            sampled = torch.nn.functional.pad(sampled, (0, width - sampled.shape[1]), value=-1)
+        num_sampled, num_rejected = get_num_sampled_and_rejected(
+            (verdict.num_accepted + 1).to(torch.int32), input_batch.seq_lens, input_batch.cu_num_logits,
+            input_batch.idx_mapping, self.prefill_len)
+        return SamplerOutput(sampled_token_ids=sampled.contiguous(), logprobs_tensors=None, num_nans=None,
+                             num_sampled=num_sampled, num_rejected=num_rejected)
+
+
+def _commit_kv(state: DDTreeState, step: StepTrees, accepted_nodes: torch.Tensor) -> None:
+    """Round step 5 on the target's caches: the accepted path's KV behind its root."""
+    target = state.target
+    plan = plan_commit(step.attention.block_table, target.kv_caches[0].shape[2], step.root_positions, accepted_nodes)
+    target.backend.commit(target.kv_caches, target.kv_layout, plan)
+
+
+def _v2_tree_sampling(states, input_batch) -> TreeSampling:
+    """Each request's sampling parameters from V2's sampling states (by request-state slot). V2 keeps
+    a seed for every request (drawn at random where the request has none), so every request's noise
+    is keyed by its seed and each node's position, as V2's own samplers key theirs."""
+    index, host = input_batch.idx_mapping, input_batch.idx_mapping_np
+    temperature = states.temperature.np[host]
+    truncated = bool((states.top_k.np[host] < states.vocab_size).any() or (states.top_p.np[host] < 1).any())
+    return TreeSampling(states.temperature.gpu[index], states.top_k.gpu[index].long(), states.top_p.gpu[index],
+                        torch.zeros_like(states.temperature.gpu[index]), states.seeds.gpu[index],
+                        all_greedy=bool((temperature == 0).all()), all_random=bool((temperature != 0).all()),
+                        truncated=truncated, uses_min_p=False)
+
+
+def commit_drafter_inputs(step: StepTrees, hidden_states: list[torch.Tensor], positions: torch.Tensor) -> None:
     """The commit of the drafter's side, on the rows vLLM hands it after a verified tree step: each
-    accepted path's hidden states moved to the front of its rows (the KV commit's permutation), and
+    accepted path's rows of every per-token tensor in ``hidden_states`` (the target's hidden states,
+    and on V2 each auxiliary layer's) moved to the front of its rows (the KV commit's permutation), and
     every tree row its sequential position back. DFlash reads a request's rows as a chain (the first
     ``query_len - rejected`` are the accepted context) and writes each row's context K/V at the slot of
     its position: it then sees exactly what a chain step that accepted the same tokens gives it, and
     rejected nodes cannot overwrite the accepted positions' drafter KV."""
-    commit_accepted_rows(hidden_states, step.root_rows, step.accepted_nodes)
+    for rows in hidden_states:
+        commit_accepted_rows(rows, step.root_rows, step.accepted_nodes)
     write_chain_positions(positions, step)
 
 

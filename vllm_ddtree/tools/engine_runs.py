@@ -126,11 +126,12 @@ class Server:
 
 @contextlib.contextmanager
 def openai_server(model: str, speculative_config: dict | None = None, args=(), env: dict | None = None,
-                  startup_timeout: float = 300.0):
+                  startup_timeout: float = 300.0, python: str | None = None):
     """vLLM's OpenAI server in its own process group (``python -m vllm.entrypoints.openai.api_server``:
     the CPU build's ``vllm`` console script fails on its distribution name), engine in its own process
     as in production; yields a :class:`Server` once ``/health`` answers, stops it afterwards. Its
-    output goes to a file (a pipe nobody reads would stall a chatty server)."""
+    output goes to a file (a pipe nobody reads would stall a chatty server). ``python``: the
+    interpreter of another environment (default: this one's)."""
     import json
     import os
     import signal
@@ -143,8 +144,8 @@ def openai_server(model: str, speculative_config: dict | None = None, args=(), e
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), *args]
+    command = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", "127.0.0.1", "--port", str(port), *args]
     if speculative_config is not None:
         command += ["--speculative-config", json.dumps(speculative_config)]
     environment = {**os.environ, **(env or {})}
