@@ -44,6 +44,14 @@ def flat(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def context_target(tmp_path_factory):
+    """A target whose answers depend on the whole context (sharp attention), for the drafter of
+    ``models``: wrong tree positions, masks or KV change its greedy answers, where ``models``' target
+    mostly repeats one token whatever came before."""
+    return str(write_target(str(tmp_path_factory.mktemp("context") / "target"), attention_scale=6.0))
+
+
+@pytest.fixture(scope="session")
 def feature_reference(models, reference):
     from tiny_engines import PROMPTS, feature_params, generate
 

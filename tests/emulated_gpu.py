@@ -23,7 +23,9 @@ whether Triton is usable); it applies these patches, each needed (found by remov
   worker does it only for compiled models.
 
 Jobs run in that process: ``python tests/emulated_gpu.py JOBS_JSON OUT_JSON`` (see :func:`run_job`); with
-``EMULATED_RUNNER=v2`` on vLLM's V2 runner (whose CPU subclass profiles memory by itself).
+``EMULATED_RUNNER=v2`` on vLLM's V2 runner (whose CPU subclass profiles memory by itself), and with
+``EMULATED_ATTENTION=CPU_ATTN`` on vLLM's CPU attention backend (V2 on the CPU build needs Triton,
+interpreted, for its own kernels: the runner a CPU user gets from vLLM 0.34 on).
 """
 
 from __future__ import annotations
@@ -32,12 +34,30 @@ import os
 import sys
 import types
 
-def install(v2_runner: bool = False) -> None:
+import torch  # before vLLM is fine: vLLM decides at its own import whether Triton is usable
+
+def install(v2_runner: bool = False, attention: str = "TRITON_ATTN") -> None:
+    """``attention``: "TRITON_ATTN" (a GPU engine), or "CPU_ATTN" (vLLM's CPU backend, for the V2
+    runner, which needs Triton on the CPU build too). On vLLM 0.34 (its GPU wheel: V2 only, TRITON_ATTN
+    only) :func:`install_vllm034` instead."""
+    # Once a process: a process whose sitecustomize installed it (a multi-process engine's workers
+    # need the patches from their start) may run this module as a script too.
+    installed = sys.modules.setdefault("_emulated_gpu_installed", types.ModuleType("_emulated_gpu_installed"))
+    if getattr(installed, "done", False):
+        return
+    installed.done = True
     if "vllm.triton_utils.importing" in sys.modules:
         raise RuntimeError("tests/emulated_gpu.py must be installed before vLLM is imported")
+    import importlib.util
+
+    # 0.34+ has the custom speculative-method interface (read from the files: importing vLLM would
+    # decide about Triton too early; the CPU build's distribution is not named vllm).
+    vllm_dir = os.path.dirname(importlib.util.find_spec("vllm").origin)
+    if os.path.exists(os.path.join(vllm_dir, "v1", "worker", "gpu", "spec_decode", "speculator_config.py")):
+        return install_vllm034()
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2_runner else "0"
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # a multi-process engine keeps its processes
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from triton.backends import backends
 
@@ -46,20 +66,11 @@ def install(v2_runner: bool = False) -> None:
 
     del backends["cpu"]  # torch's inductor would take it for Triton's CPU backend (vLLM compiles some ops)
 
-    import torch
-
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
-
-    from vllm.platforms.cpu import CpuPlatform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    cpu_choice = CpuPlatform.get_attn_backend_cls.__func__
-
-    def get_attn_backend_cls(cls, *args, **kwargs):
-        path = cpu_choice(cls, *args, **kwargs)
-        return AttentionBackendEnum.TRITON_ATTN.get_path() if path == AttentionBackendEnum.CPU_ATTN.get_path() else path
-
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    if attention == "TRITON_ATTN":
+        _choose_triton_attn()
+    elif attention != "CPU_ATTN":
+        raise ValueError(f"unknown attention backend {attention!r}")
 
     from vllm.v1.sample.ops import topk_topp_sampler
 
@@ -75,6 +86,72 @@ def install(v2_runner: bool = False) -> None:
     from vllm_ddtree.adapter import cuda_only
 
     cuda_only.STAND_IN_MULTIPROCESSORS = MULTIPROCESSORS
+
+
+def _choose_triton_attn() -> None:
+    """``CpuPlatform.get_attn_backend_cls`` returns TRITON_ATTN where it would return CPU_ATTN."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    cpu_choice = CpuPlatform.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, *args, **kwargs):
+        path = cpu_choice(cls, *args, **kwargs)
+        return AttentionBackendEnum.TRITON_ATTN.get_path() if path == AttentionBackendEnum.CPU_ATTN.get_path() else path
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def install_vllm034() -> None:
+    """vLLM 0.34.0's GPU wheel (no CPU build of 0.34 is on the registry) as a GPU engine on this CPU
+    machine (../shared/notes/gpu-path-on-cpu.md), each patch found necessary by removing it:
+
+    * ``CUDA_VISIBLE_DEVICES`` set and empty: vLLM's Triton check takes its lenient path (x86 CPUs
+      otherwise need a Triton CPU backend); ``VLLM_TARGET_DEVICE=cpu``: the CPU platform;
+    * the wheel has no CPU ops: the CPU worker's memory-node setup is a no-op, and the two ops DFlash's
+      model calls directly (RMS norm, in its grouped per-layer form too, and RoPE) are plain torch;
+    * TRITON_ATTN for every layer (CPU_ATTN needs the missing CPU ops); ``get_device_capability``
+      (9, 0), as on 0.32.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # a server keeps its engine core process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    import vllm  # noqa: F401
+    from vllm import _custom_ops
+
+    torch.ops._C.init_cpu_memory_env = lambda nodes: None
+    _custom_ops.rms_norm, _custom_ops.rotary_embedding = _rms_norm, _rotary_embedding
+    _choose_triton_attn()
+
+
+def _rms_norm(out, input, weight, epsilon):
+    x = input.float()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
+    if weight is not None:
+        w = weight.float()
+        if w.dim() > 1:  # one weight row per leading index (DFlash's norm of every layer's K at once)
+            w = w.view(w.shape[0], *([1] * (input.dim() - 2)), w.shape[-1])
+        y = y * w
+    out.copy_(y.to(out.dtype))
+
+
+def _rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0, inverse=False):
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    rotated = 2 * cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if inverse:
+        sin = -sin
+    for tensor in (query, key):
+        if tensor is None:
+            continue
+        view = tensor.view(tensor.shape[0], -1, head_size)[..., rope_dim_offset:rope_dim_offset + rotated]
+        x = view.float()
+        x1, x2 = (x[..., : rotated // 2], x[..., rotated // 2:]) if is_neox else (x[..., 0::2], x[..., 1::2])
+        y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        view.copy_((torch.cat([y1, y2], -1) if is_neox else torch.stack([y1, y2], -1).flatten(-2)).to(view.dtype))
 
 
 MULTIPROCESSORS = 8
@@ -143,20 +220,41 @@ def _params(spec):
     return SamplingParams(**spec)
 
 
+def patched_hooks() -> dict:
+    """Whether the plugin's class-level patches are in place (an incompatible vLLM gets none)."""
+    from vllm.config import VllmConfig
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_ddtree.adapter.patching import is_patched
+
+    return {"hooked": [is_patched(f) for f in (GPUModelRunner.__init__, InputProcessor.__init__,
+                                               VllmConfig.__post_init__)]}
+
+
+def check_compatibility() -> dict:
+    """The compatibility check of the installed vLLM (the plugin's, before it patches anything)."""
+    import vllm
+
+    from vllm_ddtree.adapter import compat
+
+    return {"vllm": vllm.__version__, "tables": sorted(compat.tables()), "problems": compat.incompatibilities()}
+
+
 def run_job(job: dict, target: str, drafter: str) -> dict:
     """One engine: ``job`` = {"spec": speculative config without the drafter's path, or None,
     "engine": LLM arguments, "prompts": [...], "params": [SamplingParams arguments per prompt] (a
     "structured" key names a tests/tiny_engines.py constraint), optionally "target"}. Returns tokens,
     vLLM's counters, sample logprobs (where asked), our kernels' launches, the memory reservations and
     the step costs measured at engine start."""
-    from vllm_ddtree.adapter import step_costs, v1_runner
+    from vllm_ddtree.adapter import engine_start, step_costs
     from vllm_ddtree.tools.engine_runs import run_engine
 
     from tiny_engines import ENGINE
 
     launches = Launches()
     reservations, measured = [], []
-    reserve, measure = v1_runner.reserve_tree_step_memory, step_costs.measure
+    reserve, measure = engine_start.reserve_tree_step_memory, step_costs.measure
 
     def recording_reserve(*args, **kwargs):
         reservations.append([launches.phase, *reserve(*args, **kwargs)])
@@ -166,7 +264,8 @@ def run_job(job: dict, target: str, drafter: str) -> dict:
         measured.append(measure(*args, **kwargs))
         return measured[-1]
 
-    v1_runner.reserve_tree_step_memory, step_costs.measure = recording_reserve, recording_measure
+    engine_start.reserve_tree_step_memory = recording_reserve
+    step_costs.measure = recording_measure
 
     def live(llm):
         launches.phase = "live"
@@ -178,7 +277,8 @@ def run_job(job: dict, target: str, drafter: str) -> dict:
         result = run_engine(job.get("target", target), job["prompts"], [_params(p) for p in job["params"]], spec,
                             before=live, **{**ENGINE, **job.get("engine", {})})
     finally:
-        v1_runner.reserve_tree_step_memory, step_costs.measure = reserve, measure
+        engine_start.reserve_tree_step_memory = reserve
+        step_costs.measure = measure
     logprobs = [[[sorted((t, lp.logprob) for t, lp in position.items()) for position in c.logprobs or []]
                  for c in o.outputs] for o in result.outputs]
     return {"tokens": result.tokens, "prompt_tokens": [len(o.prompt_token_ids) for o in result.outputs],
@@ -198,11 +298,14 @@ def main(jobs_path: str, out_path: str) -> None:
 
     with open(jobs_path) as f:
         request = json.load(f)
+    # A change to vLLM simulated before the plugin loads (it loads with the first engine's config).
+    exec(request.get("simulate", ""), {})
     results = {}
     for name, job in request["jobs"].items():
         start = time.perf_counter()
         try:
-            results[name] = run_job(job, request["target"], request["drafter"])
+            check = {"compatibility": check_compatibility, "hooks": patched_hooks}.get(job.get("check"))
+            results[name] = check() if check else run_job(job, request["target"], request["drafter"])
         except Exception:  # one job's failure is its test's, not every other job's
             results[name] = {"error": traceback.format_exc()}
         results[name]["seconds"] = time.perf_counter() - start
@@ -211,6 +314,7 @@ def main(jobs_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    install(v2_runner=os.environ.get("EMULATED_RUNNER") == "v2")
+    install(v2_runner=os.environ.get("EMULATED_RUNNER") == "v2",
+            attention=os.environ.get("EMULATED_ATTENTION", "TRITON_ATTN"))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1], sys.argv[2])

@@ -54,7 +54,7 @@ def test_the_adapters_step_functions_read_nothing_back_in_a_live_engine(models, 
                           "update"}, calls
 
 
-def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
+def test_engine_config_runs_vllms_runner_choice_and_piecewise_graphs(models, monkeypatch):
     from vllm.config.compilation import CUDAGraphMode
     from vllm.engine.arg_utils import EngineArgs
 
@@ -70,9 +70,13 @@ def test_engine_config_runs_v1_runner_and_piecewise_graphs(models, monkeypatch):
         cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
         cfg._maybe_override_dynamic_sd_cudagraph_mode()
         assert cfg.compilation_config.cudagraph_mode == want
+    # vLLM's own switch picks V2 for ddtree too (tests/test_v2_runner.py runs it, with Triton: vLLM
+    # refuses V2 without it), which refuses before the engine starts what ddtree does not serve there yet.
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError, match="runs on the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"):
-        tree.use_v2_model_runner
+    assert tree.use_v2_model_runner is True
+    with pytest.raises(ValueError, match=r'the cost-aware budget on vLLM.s V2 model runner yet .*"ddtree_budget": '
+                                         r'"fixed", or set VLLM_USE_V2_MODEL_RUNNER=0'):
+        config({"method": "ddtree", "num_speculative_tokens": 8})
 
 
 def test_kv_commit_moves_the_targets_caches_each_once(models):

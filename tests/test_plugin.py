@@ -120,7 +120,7 @@ def test_an_incompatible_vllm_keeps_serving_other_engines(models, simulation, tm
     assert isinstance(results["none"], list) and len(results["none"]) == 12, results
     assert results["dflash"] == results["none"]
     refusal = results["ddtree"]
-    assert refusal.startswith("ERR") and "vllm-ddtree supports vLLM >=0.32,<0.34" in refusal and change in refusal
+    assert refusal.startswith("ERR") and "vllm-ddtree supports vLLM >=0.32,<0.35" in refusal and change in refusal
     assert 'use method "dflash" with the same drafter' in refusal
     assert results["hooked"] == [False, False, False]
     assert run.stderr.count("vllm-ddtree supports vLLM") == 1  # one warning, however often vLLM loads plugins

@@ -176,6 +176,28 @@ def test_parallel_settings_ddtree_cannot_run_under_are_refused_before_start(mode
         EngineArgs(model=target, dtype="float32", max_model_len=512, **engine).create_engine_config()
 
 
+@pytest.mark.parametrize("engine,message", [
+    ({"data_parallel_size": 2},
+     "does not support data parallelism on vLLM's V2 model runner yet.*VLLM_USE_V2_MODEL_RUNNER=0"),
+    ({"speculative": {"ddtree_budget": None}},
+     "does not support the cost-aware budget on vLLM's V2 model runner.*VLLM_USE_V2_MODEL_RUNNER=0"),
+    ({"speculative": {"enable_adaptive_verification": True}},
+     "does not support adaptive verification .*remove enable_adaptive_verification"),
+    ({"watermark_config": {"key": 1}}, "does not support watermarking .*remove watermark_config"),
+])
+def test_settings_not_served_on_the_v2_runner_are_refused_before_start(models, monkeypatch, engine, message):
+    # vLLM's V2 runner, asked for with its own switch: what ddtree serves only on V1 so far is refused
+    # with the way to V1 (tests/test_v2_runner.py runs what V2 serves).
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    spec = {"model": models[1], "method": "ddtree", "num_speculative_tokens": 8, "ddtree_budget": "fixed",
+            **engine.pop("speculative", {})}
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model=models[0], dtype="float32", max_model_len=512, speculative_config=spec,
+                   **engine).create_engine_config()
+
+
 def test_a_target_layer_without_tree_attention_is_refused_at_start(models, monkeypatch):
     # As if the target ran on an attention backend ddtree has no tree attention for: it would attend to
     # the tree causally and verify garbage, so the engine must not start (it did start, and failed in

@@ -97,9 +97,13 @@ def _moe_layer_weights(prefix: str, gen, experts: int) -> dict[str, torch.Tensor
     return weights
 
 
-def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: int = 0) -> str:
+def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: int = 0,
+                 attention_scale: float = 1.0) -> str:
     """``head_scale`` sets how peaked the target is: 1.5 is near-deterministic, 0.15 samples widely.
-    ``experts`` > 0 writes a Qwen3-MoE target (that many experts, two per token) instead."""
+    ``experts`` > 0 writes a Qwen3-MoE target (that many experts, two per token) instead.
+    ``attention_scale`` scales every layer's attention projections: at 1 the next token depends
+    mostly on the current one (greedy answers settle on a repeated token), at 4 on the context too
+    (every prompt gets its own answer, and wrong tree positions, masks or KV change it)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -120,6 +124,8 @@ def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: i
     for i in range(TARGET_LAYERS):
         prefix = f"model.layers.{i}."
         weights.update(_moe_layer_weights(prefix, gen, experts) if experts else _layer_weights(prefix, gen))
+        for norm in ("q_norm", "k_norm"):  # Qwen3 normalises q and k per head: their norms set the sharpness
+            weights[f"{prefix}self_attn.{norm}.weight"] *= attention_scale
     save_file(weights, os.path.join(folder, "model.safetensors"))
     config = _qwen3_config(TARGET_LAYERS)
     if experts:
