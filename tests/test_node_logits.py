@@ -118,6 +118,25 @@ def test_processed_rows_equal_vllms_processors_on_each_nodes_history(features, b
         assert not torch.equal(want, logits)  # the features change these rows
 
 
+def test_penalties_from_token_counts_equal_penalties_from_token_lists():
+    # vLLM's V2 runner keeps each request's output as token counts and its prompt as a seen-token
+    # mask (PenaltiesState): the same rows as from the V1 runner's token lists.
+    for seed in range(4):
+        tree, logits, row_starts, c = _case(seed, 16)
+        request, node = row_layout(row_starts, logits.shape[0], tree.max_nodes)
+        lists = _processing(c, FEATURES[-1])
+        dense = _processing(c, FEATURES[-1])
+        dense.output_counts = torch.stack([torch.bincount(torch.tensor(o, dtype=torch.int64), minlength=V)
+                                           for o in c["outputs"]]).to(torch.int32)
+        dense.prompt_seen = torch.stack([torch.bincount(torch.tensor(q), minlength=V) > 0 for q in c["prompts"]])
+        dense.output_tokens = dense.prompt_tokens = None
+        got, want = logits.clone(), logits.clone()
+        node_processor(dense, tree, request, node)(got, slice(None))
+        node_processor(lists, tree, request, node)(want, slice(None))
+        assert torch.equal(got, want)
+        assert torch.equal(got, _oracle(c, tree, logits, row_starts, FEATURES[-1]))
+
+
 def test_processing_in_chunks_equals_one_pass(monkeypatch):
     from vllm_ddtree import row_chunks
 

@@ -43,8 +43,10 @@ class NodeLogitsProcessing:
     * ``disallowed [R, V]`` bool: tokens outside the request's ``allowed_token_ids``.
     * ``min_tokens_left [R]`` int64 (tokens the request must still emit before a stop token may come)
       and ``stop_token_ids [R, S]`` int64 (padded with ``NO_TOKEN``).
-    * ``output_tokens [R, O]`` and ``prompt_tokens [R, P]`` int64, padded with V (vLLM's padding), with
-      ``presence``, ``frequency`` and ``repetition [R]`` float32 penalties.
+    * the request's history for penalties: its output as ``output_tokens [R, O]`` int64 (padded with V,
+      vLLM's padding) or as ``output_counts [R, V]`` int32 (each token's count: what vLLM's V2 runner
+      keeps), and its prompt as ``prompt_tokens [R, P]`` int64 (padded with V) or as ``prompt_seen
+      [R, V]`` bool; with ``presence``, ``frequency`` and ``repetition [R]`` float32 penalties.
     * ``bad_word_prefixes [R, W, M]`` int64 (each bad word but its last token, right-aligned, padded
       with ``ANY_TOKEN``), ``bad_word_last [R, W]`` (its last token; ``NO_TOKEN`` for padding words)
       and ``output_tail [R, M]`` (the last M output tokens, right-aligned, padded with ``NO_TOKEN``).
@@ -54,7 +56,9 @@ class NodeLogitsProcessing:
     min_tokens_left: torch.Tensor | None = None
     stop_token_ids: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None
+    output_counts: torch.Tensor | None = None
     prompt_tokens: torch.Tensor | None = None
+    prompt_seen: torch.Tensor | None = None
     presence: torch.Tensor | None = None
     frequency: torch.Tensor | None = None
     repetition: torch.Tensor | None = None
@@ -64,12 +68,11 @@ class NodeLogitsProcessing:
 
     @property
     def penalized(self) -> bool:
-        return self.output_tokens is not None
+        return self.presence is not None
 
     @property
     def any(self) -> bool:
-        return any(x is not None for x in (self.disallowed, self.min_tokens_left, self.output_tokens,
-                                           self.bad_word_last))
+        return any(x is not None for x in (self.disallowed, self.min_tokens_left, self.presence, self.bad_word_last))
 
 
 def node_paths(tree: DraftTree) -> torch.Tensor:
@@ -132,14 +135,21 @@ def _penalize(chunk: torch.Tensor, p: NodeLogitsProcessing, req: torch.Tensor, p
     """vLLM's ``apply_penalties`` on rows whose output is the request's output plus the node's path."""
     n, V = chunk.shape
     counts = torch.zeros(n, V + 1, dtype=torch.int32, device=chunk.device)
-    output = p.output_tokens[req]
-    counts.scatter_add_(1, output, torch.ones_like(output, dtype=torch.int32))
+    if p.output_counts is not None:
+        counts[:, :V] = p.output_counts[req]
+    else:
+        output = p.output_tokens[req]
+        counts.scatter_add_(1, output, torch.ones_like(output, dtype=torch.int32))
     counts.scatter_add_(1, torch.where(path >= 0, path, V), torch.ones_like(path, dtype=torch.int32))
     counts = counts[:, :V]
     in_output = counts > 0
-    in_prompt = torch.zeros(n, V + 1, dtype=torch.bool, device=chunk.device)
-    in_prompt.scatter_(1, p.prompt_tokens[req], True)
-    repetition = torch.where(in_prompt[:, :V] | in_output, p.repetition[req].unsqueeze(1), 1.0)
+    if p.prompt_seen is not None:
+        in_prompt = p.prompt_seen[req]
+    else:
+        in_prompt = torch.zeros(n, V + 1, dtype=torch.bool, device=chunk.device)
+        in_prompt.scatter_(1, p.prompt_tokens[req], True)
+        in_prompt = in_prompt[:, :V]
+    repetition = torch.where(in_prompt | in_output, p.repetition[req].unsqueeze(1), 1.0)
     del in_prompt
     chunk *= torch.where(chunk > 0, 1.0 / repetition, repetition)
     del repetition
