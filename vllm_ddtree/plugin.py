@@ -52,15 +52,15 @@ def _install() -> list[str]:
     problems = compat.incompatibilities()
     if problems:
         return problems
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
 
     config.apply()
     if not compat.has_custom_methods():  # 0.32/0.33: the V1 runner too (0.34 removed it)
-        from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         v1_runner.install(GPUModelRunner)
-        structured_outputs.install(Scheduler)
     v2_runner.install(V2ModelRunner)
+    structured_outputs.install(Scheduler)
     admission.apply()
     return []

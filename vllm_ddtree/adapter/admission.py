@@ -9,7 +9,7 @@ instance-level ``_validate_params`` that adds the check; other engines keep vLLM
 
 from __future__ import annotations
 
-from vllm_ddtree.adapter import compat, patching
+from vllm_ddtree.adapter import patching
 from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 _ALTERNATIVE = 'drop it, or serve this request from an engine with method "dflash"'
@@ -38,32 +38,6 @@ def unsupported_feature(params, reasoning_parser: str = "") -> tuple[str, str] |
     return None
 
 
-
-
-def unsupported_on_v2(params) -> tuple[str, str] | None:
-    """(parameter, message) for the first feature of ``params`` that ddtree does not serve on vLLM's
-    V2 model runner yet (V2's sampler applies them with a request's earlier rows, which in a tree are
-    siblings, not ancestors; the V2 verifier does not process node rows itself yet), else None."""
-    checks = [
-        ("presence_penalty", params.presence_penalty != 0.0, "presence_penalty"),
-        ("frequency_penalty", params.frequency_penalty != 0.0, "frequency_penalty"),
-        ("repetition_penalty", params.repetition_penalty != 1.0, "repetition_penalty"),
-        ("min_tokens", params.min_tokens > 0, "min_tokens"),
-        ("bad_words", bool(params.bad_words), "bad_words"),
-        ("allowed_token_ids", params.allowed_token_ids is not None, "allowed_token_ids"),
-        ("structured_outputs", params.structured_outputs is not None, "structured outputs"),
-        ("logprobs", params.logprobs is not None, "sample logprobs"),
-        ("prompt_logprobs", params.prompt_logprobs is not None, "prompt logprobs"),
-    ]
-    for parameter, used, name in checks:
-        if used:
-            where = ('an engine with method "dflash"' if compat.has_custom_methods() else
-                     "a ddtree engine on the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-            return parameter, f"speculative method ddtree does not support {name} on vLLM's V2 model runner yet; " \
-                              f"drop it, or serve this request from {where}"
-    return None
-
-
 def apply() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -80,8 +54,6 @@ def _hook_instance(processor) -> None:
             if isinstance(params, SamplingParams):
                 parser = processor.vllm_config.structured_outputs_config.reasoning_parser
                 refused = unsupported_feature(params, parser)
-                if refused is None and compat.uses_v2_runner(processor.vllm_config):
-                    refused = unsupported_on_v2(params)
                 if refused is not None:
                     raise VLLMValidationError(refused[1], parameter=refused[0])
             return result

@@ -9,6 +9,7 @@ the releases this one was written against, in one table per part of the adapter:
 ``FRONT_DOOR``     0.32/0.33: "ddtree" added to vLLM's closed method list (``config``)
 ``CUSTOM_METHOD``  0.34: "ddtree" registered as a custom speculative method (``custom_method``)
 ``REQUESTS``       request admission (``admission``), every release
+``SCHEDULER``      the scheduler's side of structured outputs (``structured_outputs``), per release
 ``V1_RUNNER``      the V1 model runner, its drafter and structured outputs (0.32/0.33; gone in 0.34)
 ``V2_RUNNER``      Model Runner V2 (0.32-0.34: where a signature changed, each release's is listed;
                    run on 0.32.0 and 0.34.0, read against the 0.33.0 source)
@@ -41,7 +42,7 @@ FRONT_DOOR: Table = {  # config.py, 0.32/0.33
     "vllm.config.speculative.SpeculativeConfig.max_num_new_slots_for_drafting": PROPERTY,
     "vllm.config.speculative.SpeculativeMethod": None,
     "vllm.config.vllm.VllmConfig.__post_init__": ("self",),
-    "vllm.config.vllm.VllmConfig.use_v2_model_runner": PROPERTY,
+    "vllm.config.vllm.VllmConfig.use_v2_model_runner": PROPERTY,  # read: which runner an engine gets
     "vllm.config.vllm.VllmConfig._maybe_override_dynamic_sd_cudagraph_mode": ("self",),
 }
 
@@ -78,15 +79,6 @@ V1_RUNNER: Table = {  # v1_runner.py, drafter.py, structured_outputs.py, step_co
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": ("self", "hidden_states"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_draft_token_ids_cpu": ("self",),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
-    "vllm.v1.outputs.DraftTokenIds": ("req_ids", "draft_token_ids"),
-    "vllm.v1.core.sched.scheduler.Scheduler.__init__": (
-        "self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size", "hash_block_size",
-        "mm_registry", "include_finished_set", "log_stats"),
-    "vllm.v1.core.sched.scheduler.Scheduler.update_draft_token_ids": ("self", "draft_token_ids"),
-    "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": ("self", "request", "spec_tokens"),
-    "vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask": (
-        "self", "requests", "structured_output_request_ids", "scheduled_spec_decode_tokens"),
-    "vllm.v1.structured_output.StructuredOutputManager._fill_bitmasks": ("self", "batch"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run": (
         "self", "num_tokens", "cudagraph_runtime_mode", "force_attention", "uniform_decode", "allow_microbatching",
         "skip_eplb", "is_profile", "create_mixed_batch", "remove_lora", "is_graph_capturing", "num_active_loras",
@@ -109,6 +101,42 @@ V1_RUNNER: Table = {  # v1_runner.py, drafter.py, structured_outputs.py, step_co
         "self", "hidden_states", "sampling_metadata"),
 }
 
+_SCHEDULER: Table = {  # structured_outputs.py: the scheduler's side of structured outputs, every release
+    "vllm.v1.outputs.DraftTokenIds": ("req_ids", "draft_token_ids"),
+    "vllm.v1.core.sched.scheduler.Scheduler.__init__": (
+        "self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size", "hash_block_size",
+        "mm_registry", "include_finished_set", "log_stats"),
+    "vllm.v1.core.sched.scheduler.Scheduler.update_draft_token_ids": ("self", "draft_token_ids"),
+    "vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask": (
+        "self", "requests", "structured_output_request_ids", "scheduled_spec_decode_tokens"),
+    "vllm.v1.structured_output.StructuredOutputManager._fill_bitmasks": ("self", "batch"),
+}
+
+# Where the scheduler checks a request's drafts against its grammar, and how a bitmask row is filled:
+# 0.32/0.33 validate_tokens (the valid prefix), rows (grammar, row, constrain), one block of 1 + drafts
+# rows a request; 0.34 trim_spec_tokens (the kept drafts), rows (grammar, row, constrain, masked ids),
+# one block of 1 + num_speculative_tokens rows a request.
+SCHEDULER: Table = {**_SCHEDULER, "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": (
+    "self", "request", "spec_tokens")}
+SCHEDULER_034: Table = {**_SCHEDULER, "vllm.v1.structured_output.StructuredOutputManager.trim_spec_tokens": (
+    "self", "request", "spec_tokens")}
+
+
+def grammar_check_name() -> str:
+    """The ``StructuredOutputManager`` method through which the scheduler checks drafts."""
+    return "trim_spec_tokens" if has_custom_methods() else "validate_tokens"
+
+
+def grammar_row(grammar, row: int, constrain: bool) -> tuple:
+    """One entry of ``StructuredOutputManager._fill_bitmasks``'s batch."""
+    return (grammar, row, constrain, ()) if has_custom_methods() else (grammar, row, constrain)
+
+
+def grammar_rows_per_request(vllm_config, num_scheduled: int) -> int:
+    """The bitmask rows a structured request's block takes (its root's, then its drafts')."""
+    return 1 + (vllm_config.num_speculative_tokens if has_custom_methods() else num_scheduled)
+
+
 V2_RUNNER: Table = {  # v2_runner.py, v2_drafter.py, verifier.py's V2TreeVerifier
     "vllm.v1.worker.gpu.model_runner.init_speculator": None,  # swapped while a ddtree runner is built
     "vllm.config.speculative.SpeculativeConfig.num_speculative_tokens": None,  # D while the drafter is built
@@ -120,6 +148,10 @@ V2_RUNNER: Table = {  # v2_runner.py, v2_drafter.py, verifier.py's V2TreeVerifie
         ("self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context", "extensible")],  # 0.34
     "vllm.v1.worker.gpu.model_runner.GPUModelRunner._dummy_sampler_run": ("self", "hidden_states"),
     "vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn": ("self", "input_batch"),
+    "vllm.v1.worker.gpu.model_runner.GPUModelRunner.take_draft_token_ids": ("self",),
+    "vllm.v1.worker.gpu.model_runner.GPUModelRunner._dummy_run": (  # timed for the cost-aware budget
+        "self", "num_tokens", "args", "skip_attn", "uniform_decode", "context_len", "skip_eplb", "is_profile",
+        "valid_dummy_state_slots", "randomize_inputs", "kwargs"),
     "vllm.v1.worker.gpu.model_states.default.DefaultModelState.prepare_attn": (
         "self", "input_batch", "cudagraph_mode", "block_tables", "slot_mappings", "attn_groups", "kv_cache_config",
         "for_capture", "ubatch_idx", "model_specific_attn_metadata"),
@@ -138,6 +170,24 @@ V2_RUNNER: Table = {  # v2_runner.py, v2_drafter.py, verifier.py's V2TreeVerifie
         "self", "num_tokens", "attn_metadata", "slot_mappings", "num_tokens_across_dp", "cudagraph_runtime_mode"),
     "vllm.v1.worker.gpu.input_batch.get_num_sampled_and_rejected": (
         "num_sampled", "seq_lens", "cu_num_logits", "idx_mapping", "prefill_len"),
+    # the verifier's node processing and logprobs (verifier.py, logits_processing.py): V2's sampler states
+    "vllm.v1.worker.gpu.sample.sampler.Sampler.add_request": ("self", "req_idx", "sampling_params"),
+    "vllm.v1.worker.gpu.sample.sampler.Sampler.get_logprobs_dims": [
+        ("self", "idx_mapping_np", "include_token_ids"),  # 0.32/0.33
+        ("self", "idx_mapping_np")],  # 0.34
+    "vllm.v1.worker.gpu.sample.states.SamplingStates.apply_temperature": (
+        "self", "logits", "expanded_idx_mapping", "idx_mapping_np"),
+    "vllm.v1.worker.gpu.sample.states.SamplingStates.apply_top_k_top_p": (
+        "self", "logits", "expanded_idx_mapping", "idx_mapping_np"),
+    "vllm.v1.worker.gpu.sample.logprob.compute_topk_scores": (
+        "logits", "num_logprobs", "sampled_token_ids", "cu_num_logits", "logprob_token_ids_state",
+        "expanded_idx_mapping", "max_per_req_token_ids", "logits_mode"),
+    "vllm.v1.worker.gpu.metrics.logits.get_num_nans": ("logits",),
+    # read by attribute: allowed/stop tokens and min lengths; output counts, prompt bits and penalties;
+    # the number of bad words
+    "vllm.v1.worker.gpu.sample.logit_bias.LogitBiasState.__init__": ("self", "vllm_config", "req_states"),
+    "vllm.v1.worker.gpu.sample.penalties.PenaltiesState.__init__": ("self", "vllm_config", "req_states"),
+    "vllm.v1.worker.gpu.sample.bad_words.BadWordsState.__init__": ("self", "vllm_config", "req_states"),
     "vllm.v1.worker.gpu.sample.output.SamplerOutput.__init__": (
         "self", "sampled_token_ids", "logprobs_tensors", "num_nans", "num_sampled", "num_rejected",
         "sampling_mask_tensors"),
@@ -156,7 +206,8 @@ ATTENTION: Table = {  # attention/cpu.py, attention/gpu.py
 }
 
 # Every name of every table: what the patching module accepts.
-REQUIRED: Table = {**FRONT_DOOR, **CUSTOM_METHOD, **REQUESTS, **V1_RUNNER, **V2_RUNNER, **ATTENTION}
+REQUIRED: Table = {**FRONT_DOOR, **CUSTOM_METHOD, **REQUESTS, **SCHEDULER, **SCHEDULER_034, **V1_RUNNER, **V2_RUNNER,
+                   **ATTENTION}
 
 
 def resolve(path: str):
@@ -216,9 +267,10 @@ def tables() -> dict[str, Table]:
     """The tables the installed release must match: 0.34+ the custom method and V2; 0.32/0.33 the
     front door and both runners."""
     if has_custom_methods():
-        return {"CUSTOM_METHOD": CUSTOM_METHOD, "REQUESTS": REQUESTS, "V2_RUNNER": V2_RUNNER, "ATTENTION": ATTENTION}
-    return {"FRONT_DOOR": FRONT_DOOR, "REQUESTS": REQUESTS, "V1_RUNNER": V1_RUNNER, "V2_RUNNER": V2_RUNNER,
-            "ATTENTION": ATTENTION}
+        return {"CUSTOM_METHOD": CUSTOM_METHOD, "REQUESTS": REQUESTS, "SCHEDULER": SCHEDULER_034,
+                "V2_RUNNER": V2_RUNNER, "ATTENTION": ATTENTION}
+    return {"FRONT_DOOR": FRONT_DOOR, "REQUESTS": REQUESTS, "SCHEDULER": SCHEDULER, "V1_RUNNER": V1_RUNNER,
+            "V2_RUNNER": V2_RUNNER, "ATTENTION": ATTENTION}
 
 
 def incompatibilities(required: dict | None = None) -> list[str]:

@@ -8,16 +8,16 @@ wherever vLLM pickles it (engine core, workers). ddtree's two keys of its own, `
 policy) and ``ddtree_step_costs`` (a user's cost table), are added to vLLM's config class, which
 forbids unknown keys; other methods refuse them.
 
-A ddtree engine also gets, in ``VllmConfig``, each logged when it applies: the V1 model runner, where
-every request feature runs on trees, unless ``VLLM_USE_V2_MODEL_RUNNER=1`` asks for V2
-(:mod:`~vllm_ddtree.adapter.v2_runner`, which serves less so far: ``support.V2_SCOPE``; vLLM 0.34 has
-only V2); on GPUs piecewise CUDA graphs instead of full ones
+A ddtree engine runs on the model runner vLLM picks (V2 on GPUs, V1 on vLLM 0.32's CPU build, or
+what ``VLLM_USE_V2_MODEL_RUNNER`` asks for; vLLM 0.34 has only V2), logged once by the runner hook
+(:func:`hook_ddtree_runners`). It also gets, in ``VllmConfig``, each logged when it applies: on GPUs
+piecewise CUDA graphs instead of full ones
 (the tree-attention hook decides per step in eager Python, outside the captured pieces); async
 scheduling off; attention + quantization fusion off. What it cannot run under is refused here,
 before the engine starts (:mod:`vllm_ddtree.adapter.support` has the rules).
 
 The patches (through :mod:`~vllm_ddtree.adapter.patching`) act on construction only
-(``__post_init__`` and three ``VllmConfig`` / ``SpeculativeConfig`` members): other engines pay one
+(``__post_init__`` and two ``VllmConfig`` / ``SpeculativeConfig`` members): other engines pay one
 test when their config is built.
 """
 
@@ -28,8 +28,7 @@ import typing
 
 from vllm_ddtree.adapter import compat, patching
 from vllm_ddtree.adapter.options import DDTreeOptions, check_budget, drafter_depth, local_drafter_depth_hint
-from vllm_ddtree.adapter.support import (V2_SCOPE, check_engine_settings, check_target, check_v2_settings,
-                                         refusal)
+from vllm_ddtree.adapter.support import check_engine_settings, check_target, check_v2_settings, refusal
 
 METHOD = "ddtree"
 
@@ -67,11 +66,13 @@ def hook_ddtree_instances(cls, hook_instance) -> None:
     patching.wrap(cls, "__init__", make)
 
 
-def hook_ddtree_runners(runner_cls, building, patch_instance) -> None:
-    """``runner_cls.__init__`` (a vLLM model runner), once: a runner built for a ddtree config gets
-    its :class:`~vllm_ddtree.adapter.state.DDTreeState` (``runner.ddtree_state``), is built inside
-    ``building(state)`` (a context: vLLM's names swapped so that it builds ddtree's drafter), then
-    ``patch_instance(runner, state)``; a runner built for any other config is untouched."""
+def hook_ddtree_runners(runner_cls, name: str, building, patch_instance) -> None:
+    """``runner_cls.__init__`` (vLLM's model runner ``name``), once: a runner built for a ddtree
+    config gets its :class:`~vllm_ddtree.adapter.state.DDTreeState` (``runner.ddtree_state``), is built
+    inside ``building(state)`` (a context: vLLM's names swapped so that it builds ddtree's drafter),
+    then ``patch_instance(runner, state)``; a runner built for any other config is untouched."""
+    from vllm.logger import init_logger
+
     from vllm_ddtree.adapter.state import DDTreeState
 
     def make(original_init):
@@ -81,6 +82,7 @@ def hook_ddtree_runners(runner_cls, building, patch_instance) -> None:
             options = ddtree_options(vllm_config)
             if options is None:
                 return original_init(self, *args, **kwargs)
+            init_logger("vllm.ddtree").info_once("ddtree: on vLLM's %s (the runner vLLM chose)", name)
             state = self.ddtree_state = DDTreeState(options)
             with building(state):
                 original_init(self, *args, **kwargs)
@@ -162,7 +164,6 @@ def _build_ddtree(config, original, *args, **kwargs) -> None:
 
 
 def _apply_engine_defaults() -> None:
-    from vllm import envs
     from vllm.config import speculative
     from vllm.config.compilation import CUDAGraphMode
     from vllm.config.vllm import VllmConfig
@@ -180,19 +181,6 @@ def _apply_engine_defaults() -> None:
             return options.depth if options is not None else slots(self)
 
         return max_num_new_slots_for_drafting
-
-    def runner_choice(use_v2):
-        def use_v2_model_runner(self) -> bool:
-            if not is_ddtree(self.speculative_config):
-                return use_v2(self)
-            if envs.VLLM_USE_V2_MODEL_RUNNER:
-                log.info_once("ddtree: using the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1; %s)", V2_SCOPE)
-                return True
-            log.info_once("ddtree: using the V1 model runner (every request feature; VLLM_USE_V2_MODEL_RUNNER=1 "
-                          "selects V2)")
-            return False
-
-        return use_v2_model_runner
 
     def piecewise_graphs(config) -> None:
         mode = config.compilation_config.cudagraph_mode
@@ -219,7 +207,7 @@ def _apply_engine_defaults() -> None:
                 return post_init(self, *args, **kwargs)
             check_engine_settings(self, log)
             if compat.uses_v2_runner(self):
-                check_v2_settings(self, ddtree_options(self))
+                check_v2_settings(self)
             post_init(self, *args, **kwargs)
             if custom_methods:  # 0.34 resolves its graph mode inside __post_init__, without a hook
                 piecewise_graphs(self)
@@ -232,7 +220,6 @@ def _apply_engine_defaults() -> None:
 
     if not custom_methods:  # 0.34: the custom method's config sizes the drafter; V2 is vLLM's only runner
         patching.wrap(speculative.SpeculativeConfig, "max_num_new_slots_for_drafting", slots_for_drafting)
-        patching.wrap(VllmConfig, "use_v2_model_runner", runner_choice)
         patching.wrap(VllmConfig, "_maybe_override_dynamic_sd_cudagraph_mode", graph_mode)
     patching.wrap(VllmConfig, "__post_init__", engine_settings)  # last: it marks the whole set as applied
 

@@ -8,9 +8,11 @@ Triton's interpreter (tests/emulated_gpu.py) runs exactly the code a GPU engine 
 * device properties: the multiprocessor count split-K fills. Off CUDA it is a stand-in
   (:data:`STAND_IN_MULTIPROCESSORS`, an H100's), so that an emulated engine makes a GPU's choices;
 * synchronization before reading a clock (step-cost timing);
-* the device's name (in the step-cost cache key).
+* the device's name (in the step-cost cache key);
+* a copy to the host started without waiting for it (:func:`copy_to_host`: the drafts' node counts
+  and parents, which V2's scheduler needs after the step).
 
-CUDA graphs, streams and pinned memory are vLLM's own (the adapter sets the graph mode in
+CUDA graphs and streams are vLLM's own (the adapter sets the graph mode in
 :mod:`vllm_ddtree.adapter.config`); none of them runs off CUDA.
 """
 
@@ -40,3 +42,19 @@ def synchronize(device) -> None:
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if is_cuda(device) else f"cpu x{os.cpu_count()}"
+
+
+def copy_to_host(x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """``x`` copied to the host, started now, and what to pass to :func:`wait_for` before reading it
+    (on CUDA a non-blocking copy into pinned memory and an event recorded after it)."""
+    if not is_cuda(x.device):
+        return x.to("cpu", copy=True), None
+    host = x.to("cpu", non_blocking=True, copy=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def wait_for(event) -> None:
+    if event is not None:
+        event.synchronize()

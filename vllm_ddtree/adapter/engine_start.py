@@ -1,6 +1,6 @@
 """What a ddtree engine does at start, on either model runner: inside vLLM's memory profile the
 largest tree step's memory is reserved; after vLLM allocated its KV cache the target's attention
-layers get the tree path, and the step warms up."""
+layers get the tree path, the step warms up, and a cost-aware engine gets its step costs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from vllm_ddtree.adapter import attention
 from vllm_ddtree.adapter.memory import reserve_tree_step_memory
 from vllm_ddtree.adapter.state import DDTreeState
+from vllm_ddtree.budget import AcceptanceCalibration
 from vllm_ddtree.tree import build_tree
 
 
@@ -48,3 +49,18 @@ def attach_target_layers(state: DDTreeState, layers: dict[str, object], drafter_
     build_tree(torch.zeros(1, depth, min(budget, vocab), device=device), budget,
                fused=state.target.backend.FUSED_TREE_BUILD)
     attention.warm_up(state.target, budget, depth, model_config.dtype)
+
+
+def set_up_budget(state: DDTreeState, runner) -> None:
+    """A cost-aware engine's step-cost tables (on the device and the host) and its acceptance
+    calibration, once the target's layers are hooked (:mod:`~vllm_ddtree.adapter.step_costs` times
+    the engine's own steps); nothing for a fixed budget."""
+    if state.options.policy != "cost-aware":
+        return
+    from vllm.logger import init_logger
+
+    from vllm_ddtree.adapter.step_costs import step_costs
+
+    state.costs = step_costs(runner, state, init_logger("vllm.ddtree"))
+    state.costs_host = state.costs.to("cpu")
+    state.calibration = AcceptanceCalibration(runner.device)

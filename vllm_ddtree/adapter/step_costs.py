@@ -2,7 +2,8 @@
 
 C_step(rows): a target step over that many query rows (vLLM's dummy forward, with attention metadata
 on the GPU backends, plus the LM head over every row: a verify step needs logits for all of them; on
-vLLM's CPU backend its dummy attention crashes the kernel, so there the attention is left out).
+vLLM's CPU backend the V1 runner's dummy attention crashes the kernel, so there the attention is left
+out).
 C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
 each, its LM head over D rows each, and the tree build), and on the CPU backend the dense tree
 attention that a tree step runs in every target layer instead of vLLM's kernel (each backend's
@@ -71,21 +72,9 @@ def step_costs(runner, state, log) -> StepCosts:
 
 
 def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, float], dict[int, float]]:
-    """Timed dummy passes: ``({rows: seconds}, {requests: seconds})``."""
-    drafter = runner.drafter
-    vocab = runner.model_config.get_vocab_size()
-
+    """Timed dummy passes: ``({rows: seconds}, {requests: seconds})``, on either model runner."""
     backend = state.target.backend
-    fused = backend.FUSED_TREE_BUILD
-
-    def target_step(rows):
-        hidden, _ = runner._dummy_run(rows, force_attention=backend.DUMMY_RUN_ATTENTION)
-        runner.model.compute_logits(hidden[:rows])
-
-    def drafter_pass(requests):
-        drafter.dummy_run(requests * (state.options.depth + 1))
-        logits = drafter.model.compute_logits(drafter.hidden_states[: requests * state.options.depth])
-        build_tree(logits.view(requests, state.options.depth, -1)[..., :vocab], state.options.budget, fused=fused)
+    target_step, drafter_pass = (_v2_passes if hasattr(runner, "speculator") else _v1_passes)(runner, state)
 
     def speculative_pass(requests):
         drafter_pass(requests)
@@ -94,6 +83,51 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
     step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
     draft = {r: _median_seconds(speculative_pass, r, runner.device) for r in _grid(max_requests)}
     return step, draft
+
+
+def _v1_passes(runner, state):
+    """The V1 runner's dummy target step over ``rows`` (with its LM head over every row) and its
+    drafter's dummy pass for ``requests`` (D + 1 query rows each, the LM head over D, the tree build)."""
+    drafter = runner.drafter
+    vocab = runner.model_config.get_vocab_size()
+    backend = state.target.backend
+    depth = state.options.depth
+
+    def target_step(rows):
+        hidden, _ = runner._dummy_run(rows, force_attention=backend.DUMMY_RUN_ATTENTION)
+        runner.model.compute_logits(hidden[:rows])
+
+    def drafter_pass(requests):
+        drafter.dummy_run(requests * (depth + 1))
+        logits = drafter.model.compute_logits(drafter.hidden_states[: requests * depth])
+        build_tree(logits.view(requests, depth, -1)[..., :vocab], state.options.budget,
+                   fused=backend.FUSED_TREE_BUILD)
+
+    return target_step, drafter_pass
+
+
+def _v2_passes(runner, state):
+    """V2's dummy step runs the target and then the speculator's pass (DFlash's query forward, the
+    LM head over D rows a request, the tree build: :class:`~vllm_ddtree.adapter.v2_drafter.DDTreeSpeculator`),
+    which times them apart: the target step with every pass skipped, and the pass alone, called
+    again with the arguments it had in a dummy step of ``requests`` one-token requests."""
+    speculator = runner.speculator
+    passes = {}
+
+    def target_step(rows):
+        with speculator.timing("skip"):
+            hidden, _ = runner._dummy_run(rows)
+        runner.model.compute_logits(hidden[:rows])
+
+    def drafter_pass(requests):
+        if requests not in passes:  # the first (warm-up) call of each size
+            with speculator.timing("record"):
+                runner._dummy_run(requests)
+            passes[requests] = speculator.recorded_pass
+        args, kwargs = passes[requests]
+        speculator.propose(*args, **kwargs)
+
+    return target_step, drafter_pass
 
 
 def _grid(limit: int) -> list[int]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from vllm.v1.outputs import DraftTokenIds
 
-from vllm_ddtree.adapter import patching
+from vllm_ddtree.adapter import compat, patching
 from vllm_ddtree.adapter.config import hook_ddtree_instances
 
 
@@ -74,10 +74,12 @@ def _hook_instance(scheduler) -> None:
 
         return hooked
 
-    def validate_tokens(validate):
+    def check_drafts(check):
+        # vLLM's grammar check of a request's drafts as a chain (validate_tokens / trim_spec_tokens):
+        # tree drafts pass unchecked, with their parents recorded.
         def hooked(request, spec_tokens):
             if not request.use_structured_output:
-                return validate(request, spec_tokens)
+                return check(request, spec_tokens)
             parents = trees.incoming.get(request.request_id)
             if parents is None:  # no tree structure: draft nothing this step
                 trees.validated[request.request_id] = []
@@ -95,7 +97,7 @@ def _hook_instance(scheduler) -> None:
         return hooked
 
     patching.wrap(scheduler, "update_draft_token_ids", update_draft_token_ids)
-    patching.wrap(manager, "validate_tokens", validate_tokens)
+    patching.wrap(manager, compat.grammar_check_name(), check_drafts)
     patching.wrap(manager, "grammar_bitmask", grammar_bitmask)
 
 
@@ -114,6 +116,7 @@ def tree_grammar_bitmask(manager, requests, structured_output_request_ids, sched
     for req_id in structured_output_request_ids:
         request = requests[req_id]
         scheduled = scheduled_spec_decode_tokens.get(req_id, [])
+        block = compat.grammar_rows_per_request(manager.vllm_config, len(scheduled))
         # vLLM schedules -1 placeholders where no draft exists yet (a request's first decode step):
         # their rows go unused (the tree there is empty) and allow everything, as vLLM's padding rows.
         tokens = scheduled[:scheduled.index(-1)] if -1 in scheduled else scheduled
@@ -121,9 +124,9 @@ def tree_grammar_bitmask(manager, requests, structured_output_request_ids, sched
         if len(parents) < len(tokens):  # (cannot happen: drafts without parents are dropped)
             raise RuntimeError(f"ddtree: request {req_id} has {len(tokens)} drafts but {len(parents)} parents")
         fill_tree_rows(manager, request.structured_output_request.grammar, req_id, tokens, parents, start)
-        manager._fill_bitmasks((request.structured_output_request.grammar, start + row, False)
-                               for row in range(len(tokens) + 1, len(scheduled) + 1))
-        start += 1 + len(scheduled)
+        manager._fill_bitmasks(compat.grammar_row(request.structured_output_request.grammar, start + row, False)
+                               for row in range(len(tokens) + 1, block))
+        start += block
     return bitmask[:start].numpy()
 
 
@@ -133,7 +136,7 @@ def fill_tree_rows(manager, grammar, req_id: str, tokens: list[int], parents: li
     children: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
     for node, parent in enumerate(parents, start=1):
         children[parent].append(node)
-    manager._fill_bitmasks(((grammar, start, True),))
+    manager._fill_bitmasks((compat.grammar_row(grammar, start, True),))
     path: list[int] = []  # nodes the grammar has accepted, root excluded
     stack = list(reversed(children[0]))
     while stack:
@@ -148,11 +151,11 @@ def fill_tree_rows(manager, grammar, req_id: str, tokens: list[int], parents: li
         reachable = grammar.validate_tokens([token]) == [token] and grammar.accept_tokens(req_id, [token])
         if reachable:
             path.append(node)
-            manager._fill_bitmasks(((grammar, start + node, True),))
+            manager._fill_bitmasks((compat.grammar_row(grammar, start + node, True),))
             stack.extend(reversed(children[node]))
         else:  # a rejected token: the node and its subtree cannot be reached; no constraint needed
             for unreachable in _subtree(children, node):
-                manager._fill_bitmasks(((grammar, start + unreachable, False),))
+                manager._fill_bitmasks((compat.grammar_row(grammar, start + unreachable, False),))
     if path:
         grammar.rollback(len(path))
 

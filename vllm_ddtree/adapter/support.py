@@ -77,6 +77,10 @@ def check_engine_settings(vllm_config, log) -> None:
         scheduler.async_scheduling = False
     check_parallel_settings(vllm_config.parallel_config, getattr(vllm_config.model_config, "is_moe", False))
     check_kv_cache_dtype(vllm_config.cache_config.cache_dtype)
+    if getattr(vllm_config.model_config, "logits_processors", None):
+        raise refusal("custom logits processors (logits_processors: the tree verifier applies vLLM's own logits "
+                      "processing at every node, with the node's path as history, and cannot apply a custom one "
+                      "there)", f"remove logits_processors, or {USE_DFLASH}")
 
 
 def check_parallel_settings(parallel, moe_target: bool) -> None:
@@ -109,11 +113,6 @@ def check_parallel_settings(parallel, moe_target: bool) -> None:
                       "replicas across nodes")
 
 
-# What ddtree serves on vLLM's Model Runner V2 so far (the V1 runner of 0.32/0.33 serves everything else).
-V2_SCOPE = ("on V2 ddtree runs the fixed budget, with greedy and sampled requests (temperature, top-k, top-p, "
-            "seeds), and tensor parallelism; request features that change logits per token and logprobs run on V1")
-
-
 def v2_alternative() -> str:
     """Where a setting ddtree does not serve on V2 yet is served: the V1 runner, on releases that have it."""
     from vllm_ddtree.adapter import compat
@@ -123,16 +122,8 @@ def v2_alternative() -> str:
     return "or set VLLM_USE_V2_MODEL_RUNNER=0 for the V1 model runner, which serves it"
 
 
-def check_v2_settings(vllm_config, options) -> None:
-    """Engine settings ddtree does not serve on the V2 runner yet, refused before the engine starts
-    (``options``: the engine's DDTreeOptions)."""
-    from vllm_ddtree.adapter import compat
-
-    if options.policy != "fixed":
-        budget = ('"speculator_options": {"ddtree_budget": "fixed"}' if compat.has_custom_methods()
-                  else '"ddtree_budget": "fixed"')
-        raise refusal("the cost-aware budget on vLLM's V2 model runner yet (V2 verifies the same number of nodes "
-                      "for every request)", f"set {budget}, {v2_alternative()}")
+def check_v2_settings(vllm_config) -> None:
+    """Engine settings ddtree does not serve on the V2 runner, refused before the engine starts."""
     if getattr(vllm_config.speculative_config, "enable_adaptive_verification", False):
         raise refusal("adaptive verification (enable_adaptive_verification: V2 would reallocate each request's "
                       "drafts as a chain's)", "remove enable_adaptive_verification")

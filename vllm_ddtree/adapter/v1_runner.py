@@ -39,7 +39,6 @@ from vllm_ddtree.adapter.state import DDTreeState
 from vllm_ddtree.adapter.step_layout import attach_tree_metadata, plan_attention, prepare_tree_step
 from vllm_ddtree.adapter.structured_outputs import with_parents
 from vllm_ddtree.adapter.verifier import TreeVerifier
-from vllm_ddtree.budget import AcceptanceCalibration
 
 
 def install(runner_cls) -> None:
@@ -53,7 +52,7 @@ def install(runner_cls) -> None:
         # runner is built that name is our subclass (isinstance checks against DFlash still hold).
         return patching.swapped(gpu_model_runner, "DFlashProposer", DDTreeProposer)
 
-    hook_ddtree_runners(runner_cls, building, _patch_instance)
+    hook_ddtree_runners(runner_cls, "V1 model runner", building, _patch_instance)
 
 
 def _patch_instance(runner, state: DDTreeState) -> None:
@@ -69,14 +68,7 @@ def _patch_instance(runner, state: DDTreeState) -> None:
         def hooked(*args, **kwargs):
             original(*args, **kwargs)
             attach_target_layers(runner, state)
-            if state.options.policy == "cost-aware":
-                from vllm.logger import init_logger
-
-                from vllm_ddtree.adapter.step_costs import step_costs
-
-                state.costs = step_costs(runner, state, init_logger("vllm.ddtree"))
-                state.costs_host = state.costs.to("cpu")
-                state.calibration = AcceptanceCalibration(runner.device)
+            engine_start.set_up_budget(state, runner)
 
         return hooked
 

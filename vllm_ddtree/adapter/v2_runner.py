@@ -56,18 +56,26 @@ def install(runner_cls) -> None:
         # by method; 0.34: the class the method's config names, which for "ddtree" is the same one).
         return patching.swapped(model_runner, "init_speculator", init_speculator)
 
-    hook_ddtree_runners(runner_cls, building, _patch_instance)
+    hook_ddtree_runners(runner_cls, "Model Runner V2", building, _patch_instance)
 
 
 def _patch_instance(runner, state: DDTreeState) -> None:
     def load_model(original):
         def hooked(*args, **kwargs):
             original(*args, **kwargs)
-            verifier = V2TreeVerifier(state, runner.rejection_sampler, runner.sampler,
-                                      runner.req_states.prefill_len.gpu, state.options.budget)
+            verifier = V2TreeVerifier(state, runner.rejection_sampler, runner.sampler, runner.req_states,
+                                      state.options.budget)
             patching.replace(runner, "rejection_sampler", verifier,
                              stands_in_for="vllm.v1.worker.gpu.spec_decode.rejection_sampler.RejectionSampler.__call__")
             patching.wrap(runner.model_state, "prepare_attn", model_state_prepare_attn)
+            patching.wrap(runner.sampler, "add_request", lambda add: sampler_add_request(add, verifier))
+
+        return hooked
+
+    def sampler_add_request(original, verifier):
+        def hooked(req_idx, sampling_params):
+            original(req_idx, sampling_params)
+            verifier.add_request(req_idx, sampling_params)
 
         return hooked
 
@@ -86,6 +94,7 @@ def _patch_instance(runner, state: DDTreeState) -> None:
                                               runner.speculator.draft_attn_layer_names,
                                               runner.kv_cache_config.kv_cache_groups, runner.model_config,
                                               runner.device)
+            engine_start.set_up_budget(state, runner)
 
         return hooked
 
@@ -114,5 +123,13 @@ def _patch_instance(runner, state: DDTreeState) -> None:
 
         return hooked
 
-    for hook in (load_model, initialize_kv_cache, _dummy_sampler_run, prepare_attn):
+    def take_draft_token_ids(original):
+        def hooked():
+            drafts = original()  # vLLM's (placeholders of width B, or ids where it copied them)
+            ours, runner.speculator.scheduler_drafts = runner.speculator.scheduler_drafts, None
+            return drafts if drafts is None or ours is None else ours.draft_token_ids()
+
+        return hooked
+
+    for hook in (load_model, initialize_kv_cache, _dummy_sampler_run, prepare_attn, take_draft_token_ids):
         patching.wrap(runner, hook.__name__, hook)

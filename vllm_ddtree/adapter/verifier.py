@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ddtree.adapter.logits_processing import node_processing
+from vllm_ddtree.adapter.logits_processing import V2BadWords, node_processing, v2_node_processing
 from vllm_ddtree.adapter.state import DDTreeState, StepTrees
 from vllm_ddtree.adapter.step_layout import write_chain_positions
 from vllm_ddtree.kv_commit import commit_accepted_rows, plan_commit
@@ -95,33 +95,50 @@ class V2TreeVerifier:
     (``SamplerOutput`` with ``sampled_token_ids [R, B+1]``, the accepted path's tokens and the bonus
     token left-aligned, ``num_sampled`` = path length + 1 and ``num_rejected`` = the rest of the
     request's rows, both as vLLM's own ``get_num_sampled_and_rejected`` leaves them for chunked
-    prefills). Verification and the KV commit run in the call, before vLLM's state update and the
-    drafter's pass, which overwrites this step's slot mappings with its own.
+    prefills; sample logprobs, where asked, one row per emitted token). Verification and the KV
+    commit run in the call, before vLLM's state update and the drafter's pass, which overwrites this
+    step's slot mappings with its own.
+
+    Each node's row is processed as V2's sampler processes a row (its logits processors with the
+    node's path as history, :func:`~vllm_ddtree.adapter.logits_processing.v2_node_processing`; then
+    temperature and top-k/top-p) before the target's token there is picked.
 
     ``chain``: vLLM's rejection sampler, for vLLM's own warm-up runs (dummy drafts, no trees);
-    ``sampler``: V2's sampler, whose per-request sampling states (indexed by request-state slot)
-    give each request's parameters and seed; ``prefill_len``: the request states' prompt lengths.
+    ``sampler``: V2's sampler, whose per-request states (indexed by request-state slot) give each
+    request's parameters, seed and logits processors; ``req_states``: V2's request states (prompt
+    lengths, committed tokens). :meth:`add_request` must see every request V2's sampler adds.
     """
 
-    def __init__(self, state: DDTreeState, chain, sampler, prefill_len, budget: int):
+    def __init__(self, state: DDTreeState, chain, sampler, req_states, budget: int):
         self.state = state
         self.chain = chain
         self.sampler = sampler
-        self.prefill_len = prefill_len
+        self.req_states = req_states
         self.budget = budget
+        self.bad_words = V2BadWords()
+
+    def add_request(self, slot: int, sampling_params) -> None:
+        self.bad_words.add_request(slot, sampling_params)
 
     def __call__(self, logits, input_batch, draft_logits=None, invalid_drafts=None):
         from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
+        from vllm.v1.worker.gpu.metrics.logits import get_num_nans
         from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
         step = self.state.step
         if step is None:
             return self.chain(logits, input_batch, draft_logits, invalid_drafts)
+        num_nans = get_num_nans(logits) if self.sampler.compute_nans else None  # before any processing, as V2
         num_reqs = input_batch.num_reqs
         first = input_batch.cu_num_logits[:num_reqs].to(torch.int64)
         sampling = _v2_tree_sampling(self.sampler.sampling_states, input_batch)
-        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first)
+        processing = v2_node_processing(self.sampler, self.req_states, input_batch, step.root_positions,
+                                        self.bad_words)
+        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first,
+                              processing=processing)
         step.accepted_nodes = verdict.accepted_nodes
+        if self.state.calibration is not None:
+            self.state.calibration.update(step.tree.scores, verdict.num_accepted)
         _commit_kv(self.state, step, verdict.accepted_nodes)
         # vLLM's layout has B+1 slots a request; a path holds at most min(B, D) + 1 tokens.
         width = self.budget + 1
@@ -130,9 +147,37 @@ class V2TreeVerifier:
             sampled = torch.nn.functional.pad(sampled, (0, width - sampled.shape[1]), value=-1)
         num_sampled, num_rejected = get_num_sampled_and_rejected(
             (verdict.num_accepted + 1).to(torch.int32), input_batch.seq_lens, input_batch.cu_num_logits,
-            input_batch.idx_mapping, self.prefill_len)
-        return SamplerOutput(sampled_token_ids=sampled.contiguous(), logprobs_tensors=None, num_nans=None,
+            input_batch.idx_mapping, self.req_states.prefill_len.gpu)
+        logprobs = None
+        dims = self.sampler.get_logprobs_dims(input_batch.idx_mapping_np)
+        if dims is not None:
+            logprobs = self._logprobs(logits, first, step.tree, verdict, input_batch, processing, *dims)
+        return SamplerOutput(sampled_token_ids=sampled.contiguous(), logprobs_tensors=logprobs, num_nans=num_nans,
                              num_sampled=num_sampled, num_rejected=num_rejected)
+
+    def _logprobs(self, logits, first, tree, verdict, input_batch, processing, num_logprobs: int,
+                  max_token_ids: int):
+        """Logprobs of each emitted token at the node the target sampled it from, as V2's samplers
+        compute them (its kernels, its logprobs modes, each request's ``logprob_token_ids``): one row
+        per path slot, W = D + 1 a request; vLLM reads each request's first ``num_sampled``."""
+        import numpy as np
+        from vllm.v1.worker.gpu.sample.logprob import compute_topk_scores
+
+        R, W = verdict.accepted_nodes.shape
+        node_rows = (first.unsqueeze(1) + verdict.accepted_nodes.clamp(min=0)).flatten()
+        rows = logits[node_rows]
+        expanded = input_batch.idx_mapping.repeat_interleave(W)
+        mode = self.sampler.logprobs_mode
+        if mode.startswith("processed"):
+            rows = rows.to(torch.float32, copy=True)
+            if processing is not None:
+                node_processor(processing, tree, *row_layout(first, logits.shape[0], tree.max_nodes))(rows, node_rows)
+            states, host = self.sampler.sampling_states, np.repeat(input_batch.idx_mapping_np, W)
+            states.apply_temperature(rows, expanded, host)
+            rows = states.apply_top_k_top_p(rows, expanded, host)
+        return compute_topk_scores(rows, num_logprobs, verdict.output_tokens.flatten().clamp(min=0),
+                                   list(range(0, R * W + 1, W)), self.sampler.logprob_token_ids_state, expanded,
+                                   max_token_ids, logits_mode=mode.endswith("logits"))
 
 
 def _commit_kv(state: DDTreeState, step: StepTrees, accepted_nodes: torch.Tensor) -> None:
