@@ -3,7 +3,8 @@
 What a GPU user of ddtree runs inside vLLM (the TRITON_ATTN backend's paged cache, our Triton
 tree-attention, KV-commit and tree-build kernels called from a live engine, the engine-start warm-up,
 the memory reservation in vLLM's profiling run, the split-K choice per batch) runs here end to end,
-slowly, on CPU tensors: every Triton kernel, vLLM's and ours, goes through Triton's interpreter.
+slowly, on CPU tensors: our Triton kernels and vLLM's (its V2 runner's, its samplers') go through
+Triton's interpreter, but for three of vLLM's, replaced by the same operations in plain torch (below).
 What cannot be emulated (CUDA graphs, streams, timing, device properties) stays for a lent GPU.
 
 :func:`install` must run in a fresh process before anything imports vLLM (vLLM decides at import
@@ -14,10 +15,16 @@ whether Triton is usable); it applies these patches, each needed (found by remov
   backend. The entry goes once vLLM has decided: torch's inductor, which compiles a few of vLLM's
   sampler ops on CPU, would otherwise take it for Triton's CPU backend and fail;
 * ``CpuPlatform.get_attn_backend_cls`` returns TRITON_ATTN where it would return CPU_ATTN (the CPU
-  platform offers no other backend);
+  platform offers no other backend), whose own two kernels (paged attention, the cache write) run as
+  plain torch: interpreted they were half of an emulated step, and they are vLLM's, not ddtree's (the
+  tree steps' attention is ddtree's kernel, interpreted); tests/test_v2_runner.py checks that such
+  engines answer as vLLM's CPU backend does;
 * ``torch.cuda.get_device_capability`` returns (9, 0): TRITON_ATTN's cache-writing launcher asks it;
 * vLLM's top-k/top-p sampling op takes its torch path: its Triton kernel does not run under the
-  interpreter (``row_id.to`` on a program id the interpreter gives as an int);
+  interpreter (``row_id.to`` on a program id the interpreter gives as an int); V2's grammar-bitmask
+  kernel is replaced by the same operation in torch (its mixed scalar/block store mask is refused);
+* Triton's interpreter patches ``triton.language`` once per launch instead of at every call of a
+  helper function inside it (:func:`_patch_language_once_per_launch`: a fifth of a step's time);
 * the CPU worker profiles memory as vLLM's GPU worker always does (``profile_run`` before the KV cache
   is sized, which runs the dummy sampler, where ddtree reserves the tree step's memory); the CPU
   worker does it only for compiled models.
@@ -76,6 +83,9 @@ def install(v2_runner: bool = False, attention: str = "TRITON_ATTN") -> None:
 
     topk_topp_sampler.HAS_TRITON = False
 
+    _grammar_bitmask_in_torch()
+    _patch_language_once_per_launch()
+
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.cpu_worker import CPUWorker
 
@@ -89,7 +99,8 @@ def install(v2_runner: bool = False, attention: str = "TRITON_ATTN") -> None:
 
 
 def _choose_triton_attn() -> None:
-    """``CpuPlatform.get_attn_backend_cls`` returns TRITON_ATTN where it would return CPU_ATTN."""
+    """``CpuPlatform.get_attn_backend_cls`` returns TRITON_ATTN where it would return CPU_ATTN (whose
+    two kernels then run in torch: :func:`_triton_attn_kernels_in_torch`)."""
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -100,6 +111,115 @@ def _choose_triton_attn() -> None:
         return AttentionBackendEnum.TRITON_ATTN.get_path() if path == AttentionBackendEnum.CPU_ATTN.get_path() else path
 
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _triton_attn_kernels_in_torch()
+
+
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` anew at every call of a ``@triton.jit`` helper
+    inside a kernel (a walk over the module's members each time, never undone: a fifth of an
+    interpreted engine step here). A launch's own patch, made here for both ``triton.language`` and
+    ``triton.language.core``, covers every helper it calls: one patch a launch, undone after it."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang
+    both = types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core})
+    launches = []
+
+    def patch_lang(fn):
+        if launches:  # a helper called inside a launch
+            return launches[-1]
+        scope = original(both)
+        restore = scope.restore
+
+        def restore_after_launch():
+            launches.remove(scope)
+            restore()
+
+        scope.restore = restore_after_launch
+        launches.append(scope)
+        return scope
+
+    interpreter._patch_lang = patch_lang
+
+
+class _GrammarBitmaskKernel:
+    """V2's grammar-bitmask kernel (``_apply_grammar_bitmask_kernel``) in torch: its masked store mixes
+    a scalar and a block mask, which the interpreter refuses ("mask has unsupported dtype")."""
+
+    def __getitem__(self, grid):
+        return self.run
+
+    @staticmethod
+    def run(logits, logits_stride, logits_indices, cu_num_logits, bitmask, bitmask_stride, vocab_size,
+            MASK_STRIDE, BLOCK_SIZE):
+        mapping = logits_indices[: bitmask.shape[0]].to(torch.int64)
+        request, position = mapping // MASK_STRIDE, mapping % MASK_STRIDE
+        cu = cu_num_logits.to(torch.int64)
+        active = position < cu[request + 1] - cu[request]
+        bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=bitmask.dtype)) & 1).flatten(1)[:, :vocab_size]
+        rows = (cu[request] + position)[active]
+        logits[rows] = logits[rows].masked_fill(bits[active] == 0, float("-inf"))
+
+
+def _reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, *rest,
+                       **options):
+    """vLLM's ``triton_reshape_and_cache_flash`` for an unquantized ``[blocks, block_size, heads, dim]``
+    cache view: each token's K/V at its slot (negative slots: none)."""
+    if kv_cache_dtype != "auto" or key_cache.ndim != 4 or any(rest) or any(options.values()):
+        raise NotImplementedError("the emulated reshape_and_cache writes unquantized 4-D caches only")
+    slots = slot_mapping.to(torch.int64)
+    tokens = torch.nonzero(slots >= 0).flatten()
+    blocks, offsets = slots[tokens] // key_cache.shape[1], slots[tokens] % key_cache.shape[1]
+    key_cache[blocks, offsets] = key[tokens].to(key_cache.dtype)
+    value_cache[blocks, offsets] = value[tokens].to(value_cache.dtype)
+
+
+_PLAIN_ATTENTION_DEFAULTS = {"alibi_slopes": None, "output_scale": None, "qq_bias": None, "sinks": None,
+                             "mm_prefix_range": None, "rswa_prefix_lens": None, "k_scale_cache": None,
+                             "v_scale_cache": None}
+
+
+def _unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
+                       window_size, block_table, softcap, q_descale, k_descale, v_descale, **options):
+    """vLLM's ``unified_attention`` (TRITON_ATTN's kernel) in plain torch, for what the tiny models use:
+    each request's queries (the last of its ``seqused_k`` keys) over its paged K/V, causal or not
+    (a bool or one flag a request), grouped-query heads; anything else is refused."""
+    unsupported = [name for name, default in _PLAIN_ATTENTION_DEFAULTS.items() if options.get(name) is not None]
+    if unsupported or softcap or q_descale is not None or tuple(window_size or (-1, -1)) != (-1, -1) or \
+            getattr(options.get("kv_quant_mode"), "name", "NONE") != "NONE" or options.get("chunk_lookback", -1) != -1:
+        raise NotImplementedError(f"the emulated unified_attention computes plain attention only ({unsupported})")
+    page, kv_heads = k.shape[1], k.shape[2]
+    group = q.shape[1] // kv_heads
+    starts, lengths = cu_seqlens_q.tolist(), seqused_k.tolist()
+    flags = causal.tolist() if isinstance(causal, torch.Tensor) else [causal] * len(lengths)
+    for r, keys_used in enumerate(lengths):
+        first, last = starts[r], starts[r + 1]
+        if last == first:
+            continue
+        blocks = block_table[r, : -(-keys_used // page)].to(torch.int64)
+        keys = k[blocks].flatten(0, 1)[:keys_used].float().repeat_interleave(group, dim=1)
+        values = v[blocks].flatten(0, 1)[:keys_used].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[first:last].float(), keys) * softmax_scale
+        if flags[r]:
+            rows = torch.arange(last - first).unsqueeze(1) + keys_used - (last - first)
+            scores = scores.masked_fill(torch.arange(keys_used).unsqueeze(0) > rows, float("-inf"))
+        out[first:last] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(out.dtype)
+
+
+def _triton_attn_kernels_in_torch() -> None:
+    """TRITON_ATTN's own two kernels (vLLM's, not ddtree's) as plain torch: interpreted, they were
+    half of an emulated engine step. The tree steps' attention is ddtree's kernel, still interpreted."""
+    from vllm.v1.attention.backends import triton_attn
+
+    triton_attn.unified_attention = _unified_attention
+    triton_attn.triton_reshape_and_cache_flash = _reshape_and_cache
+
+
+def _grammar_bitmask_in_torch() -> None:
+    from vllm.v1.worker.gpu import structured_outputs
+
+    structured_outputs._apply_grammar_bitmask_kernel = _GrammarBitmaskKernel()
 
 
 def install_vllm034() -> None:
@@ -111,7 +231,8 @@ def install_vllm034() -> None:
     * the wheel has no CPU ops: the CPU worker's memory-node setup is a no-op, and the two ops DFlash's
       model calls directly (RMS norm, in its grouped per-layer form too, and RoPE) are plain torch;
     * TRITON_ATTN for every layer (CPU_ATTN needs the missing CPU ops); ``get_device_capability``
-      (9, 0), as on 0.32.
+      (9, 0), the top-k/top-p op's torch path, the grammar bitmask in torch and the interpreter's
+      language patch once per launch, as on 0.32.
     """
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -124,7 +245,15 @@ def install_vllm034() -> None:
 
     torch.ops._C.init_cpu_memory_env = lambda nodes: None
     _custom_ops.rms_norm, _custom_ops.rotary_embedding = _rms_norm, _rotary_embedding
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    topk_topp_sampler.HAS_TRITON = False  # as on 0.32: its Triton kernel does not run interpreted
     _choose_triton_attn()
+    _grammar_bitmask_in_torch()
+    _patch_language_once_per_launch()
+    from vllm_ddtree.adapter import cuda_only
+
+    cuda_only.STAND_IN_MULTIPROCESSORS = MULTIPROCESSORS
 
 
 def _rms_norm(out, input, weight, epsilon):
@@ -244,9 +373,9 @@ def check_compatibility() -> dict:
 def run_job(job: dict, target: str, drafter: str) -> dict:
     """One engine: ``job`` = {"spec": speculative config without the drafter's path, or None,
     "engine": LLM arguments, "prompts": [...], "params": [SamplingParams arguments per prompt] (a
-    "structured" key names a tests/tiny_engines.py constraint), optionally "target"}. Returns tokens,
-    vLLM's counters, sample logprobs (where asked), our kernels' launches, the memory reservations and
-    the step costs measured at engine start."""
+    "structured" key names a tests/tiny_engines.py constraint), optionally "target" and "drafter"}.
+    Returns tokens, texts, vLLM's counters, sample and prompt logprobs (where asked), our kernels'
+    launches, the memory reservations and the step costs measured at engine start."""
     from vllm_ddtree.adapter import engine_start, step_costs
     from vllm_ddtree.tools.engine_runs import run_engine
 
@@ -272,16 +401,21 @@ def run_job(job: dict, target: str, drafter: str) -> dict:
 
     spec = job.get("spec")
     if spec is not None:
-        spec = {"model": drafter, **spec}
+        spec = {"model": job.get("drafter", drafter), **spec}
     try:
         result = run_engine(job.get("target", target), job["prompts"], [_params(p) for p in job["params"]], spec,
                             before=live, **{**ENGINE, **job.get("engine", {})})
     finally:
         engine_start.reserve_tree_step_memory = reserve
         step_costs.measure = measure
-    logprobs = [[[sorted((t, lp.logprob) for t, lp in position.items()) for position in c.logprobs or []]
-                 for c in o.outputs] for o in result.outputs]
+    def listed(positions):
+        return [sorted((t, lp.logprob) for t, lp in position.items()) if position else [] for position in positions or []]
+
+    logprobs = [[listed(c.logprobs) for c in o.outputs] for o in result.outputs]
     return {"tokens": result.tokens, "prompt_tokens": [len(o.prompt_token_ids) for o in result.outputs],
+            "texts": [[c.text for c in o.outputs] for o in result.outputs],
+            "finish": [[c.finish_reason for c in o.outputs] for o in result.outputs],
+            "prompt_logprobs": [listed(o.prompt_logprobs) for o in result.outputs],
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
             "logprobs": logprobs, "uncompiled": launches.uncompiled(),
             "launched": sorted({name for name, _, _ in launches.keys["start"] | launches.keys["live"]}),
