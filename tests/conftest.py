@@ -44,11 +44,14 @@ def flat(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def context_target(tmp_path_factory):
-    """A target whose answers depend on the whole context (sharp attention), for the drafter of
-    ``models``: wrong tree positions, masks or KV change its greedy answers, where ``models``' target
-    mostly repeats one token whatever came before."""
-    return str(write_target(str(tmp_path_factory.mktemp("context") / "target"), attention_scale=6.0))
+def context_pair(tmp_path_factory):
+    """A target whose answers depend on the whole context (sharp attention), with a drafter of its
+    own: wrong tree positions, masks or KV change its greedy answers, where ``models``' target mostly
+    repeats one token whatever came before. Two layers: the emulated GPU engines run its attention
+    interpreted."""
+    root = tmp_path_factory.mktemp("context")
+    return (str(write_target(str(root / "target"), attention_scale=6.0, layers=2)),
+            str(write_dflash_drafter(str(root / "drafter"), target_layer_ids=(0, 1), target_layers=2)))
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +79,40 @@ def structured_reference(models, reference):
 @pytest.fixture(scope="session")
 def moe_target(tmp_path_factory):
     return str(write_target(str(tmp_path_factory.mktemp("moe") / "target"), experts=4))
+
+
+# The emulated GPU engines (tests/emulated_gpu.py) take minutes, each test file's jobs in a process of
+# their own (tests/emulated_jobs.py). Those of the collected files start with the session's first test,
+# at a lower CPU priority, so that they run on what the in-process tests leave of the machine; each
+# file's tests then read their results. Test file -> its fixture, and the function there that starts
+# its jobs.
+EMULATED = {"test_emulated_gpu": "emulated", "test_v2_runner": "v2_engines", "test_vllm034": "vllm034"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emulated_engines_start_first(request):
+    collected = {item.module.__name__ for item in request.session.items if getattr(item, "module", None)}
+    for module, fixture in EMULATED.items():
+        if module in collected:
+            request.getfixturevalue(fixture)
+
+
+@pytest.fixture(scope="session")
+def emulated(models, flat, tmp_path_factory):
+    from test_emulated_gpu import start
+
+    return start({"models": models, "flat": flat}, tmp_path_factory.mktemp("emulated_gpu"))
+
+
+@pytest.fixture(scope="session")
+def v2_engines(flat, context_pair, tmp_path_factory):
+    from test_v2_runner import start
+
+    return start({"context": context_pair, "flat": flat}, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def vllm034(flat, context_pair, tmp_path_factory):
+    from test_vllm034 import start
+
+    return start({"context": context_pair, "flat": flat}, tmp_path_factory.mktemp("vllm034"))

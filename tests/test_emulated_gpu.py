@@ -1,24 +1,19 @@
-"""The GPU engine path end to end: ddtree engines on vLLM's TRITON_ATTN backend (vLLM's V1 runner), every
-Triton kernel (vLLM's and ours) run by Triton's interpreter on CPU tensors (tests/emulated_gpu.py), against
-the same emulated engine without speculation.
+"""The GPU engine path end to end: ddtree engines on vLLM's TRITON_ATTN backend (vLLM's V1 runner), our
+Triton kernels and vLLM's run by Triton's interpreter on CPU tensors (tests/emulated_gpu.py; TRITON_ATTN's
+own attention kernels as plain torch), against the same emulated engine without speculation.
 
 What these engines run is what a GPU engine runs (the GPU attention hook over the paged cache, the
 tree-attention kernel with split-K, the one-launch tree build, the KV commit kernel, the engine-start
 warm-up, the memory reservation in vLLM's profiling run, step costs timed on vLLM's dummy runs), except
 what only CUDA has (vllm_ddtree/adapter/cuda_only.py): CUDA graphs, timing, device properties.
 
-The interpreter costs seconds per engine step, so every job runs once, in one process, at session start
-(:func:`emulated`), with a handful of short requests; each test reads its jobs' results.
+The interpreter costs seconds per engine step, so every job runs once, in one process, started with the
+session (conftest.py's ``emulated``), with a handful of short requests; each test reads its jobs' results.
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from emulated_jobs import Jobs
 
 PROMPTS = ["alpha beta", "the tree of draft", "gamma delta token verify commit",
            "commit the draft of a tree and verify the token alpha beta gamma delta"]
@@ -54,10 +49,12 @@ def ddtree(budget: int, policy: str = "fixed") -> dict:
     return {"method": "ddtree", "num_speculative_tokens": budget, "ddtree_budget": policy}
 
 
-def jobs(flat_target: str) -> dict:
-    greedy = {"prompts": PROMPTS, "params": GREEDY, "engine": {"max_num_seqs": MAX_NUM_SEQS}}
-    features = {"prompts": FEATURE_PROMPTS, "params": FEATURES, "engine": {"max_num_seqs": 8, **STRUCTURED}}
-    mixed = {"prompts": MIXED_PROMPTS, "params": MIXED_GREEDY, "engine": {"max_num_seqs": MAX_NUM_SEQS, **MIXED}}
+def jobs() -> dict:
+    greedy = {"target": "models", "prompts": PROMPTS, "params": GREEDY, "engine": {"max_num_seqs": MAX_NUM_SEQS}}
+    features = {"target": "models", "prompts": FEATURE_PROMPTS, "params": FEATURES,
+                "engine": {"max_num_seqs": 8, **STRUCTURED}}
+    mixed = {"target": "models", "prompts": MIXED_PROMPTS, "params": MIXED_GREEDY,
+             "engine": {"max_num_seqs": MAX_NUM_SEQS, **MIXED}}
     return {
         "plain": {**features, "spec": None},
         "fixed16": {**features, "spec": ddtree(16)},
@@ -65,33 +62,22 @@ def jobs(flat_target: str) -> dict:
         "fixed64": {**greedy, "spec": ddtree(64)},
         "cost_aware16": {**greedy, "spec": {**ddtree(16, "cost-aware"), "ddtree_step_costs": MIDDLE_ROWS}},
         # Step costs measured at engine start (the subprocess's HOME is empty: no cached table).
-        "cost_measured16": {"prompts": PROMPTS[:2], "params": [GREEDY[1]] * 2, "engine": {"max_num_seqs": MAX_NUM_SEQS},
-                            "spec": ddtree(16, "cost-aware")},
+        "cost_measured16": {"target": "models", "prompts": PROMPTS[:2], "params": [GREEDY[1]] * 2,
+                            "engine": {"max_num_seqs": MAX_NUM_SEQS}, "spec": ddtree(16, "cost-aware")},
         "mixed_plain": {**mixed, "spec": None},
         "mixed16": {**mixed, "spec": ddtree(16)},
-        "seeded16": {"target": flat_target, "prompts": PROMPTS[:3], "params": SEEDED,
+        "seeded16": {"target": "flat", "prompts": PROMPTS[:3], "params": SEEDED,
                      "engine": {"max_num_seqs": MAX_NUM_SEQS}, "spec": ddtree(16)},
     }
 
 
-@pytest.fixture(scope="session")
-def emulated(models, flat, tmp_path_factory):
-    root = tmp_path_factory.mktemp("emulated_gpu")
-    request, out = root / "jobs.json", root / "results.json"
-    request.write_text(json.dumps({"target": models[0], "drafter": models[1], "jobs": jobs(flat[0])}))
-    env = {**os.environ, "HOME": str(root)}
-    done = subprocess.run([sys.executable, os.path.join(HERE, "emulated_gpu.py"), str(request), str(out)],
-                          env=env, capture_output=True, text=True, timeout=1800)
-    assert out.exists(), done.stderr[-6000:]
-    results = json.loads(out.read_text())
-    assert set(results) == set(jobs(flat[0])), done.stderr[-6000:]
-    return results
+def start(targets: dict, root) -> Jobs:
+    """Every job in one process, started now (conftest's ``emulated``)."""
+    return Jobs(jobs(), targets, root, {})
 
 
 def job(emulated, name):
-    result = emulated[name]
-    assert "error" not in result, result.get("error")
-    return result
+    return emulated.job(name)
 
 
 @pytest.mark.parametrize("name", ["fixed4", "fixed16", "fixed64", "cost_aware16"])
@@ -169,10 +155,10 @@ def test_engine_start_compiles_every_kernel_variant(emulated, name):
 
 
 @pytest.mark.parametrize("name", SPECULATIVE)
-def test_profiling_run_reserves_the_tree_step(emulated, flat, name):
+def test_profiling_run_reserves_the_tree_step(emulated, name):
     # Once, in vLLM's memory profile before the first request: max_num_seqs trees drafted, as many
     # verified as one step's token budget holds (vLLM's default budget holds them all).
-    spec = jobs(flat[0])[name]
+    spec = jobs()[name]
     seqs, budget = spec["engine"]["max_num_seqs"], spec["spec"]["num_speculative_tokens"]
     batched = spec["engine"].get("max_num_batched_tokens")
     result = job(emulated, name)

@@ -104,6 +104,9 @@ def test_drafter_with_foreign_layer_ids_is_refused(models, tmp_path):
 @pytest.mark.parametrize("engine,message", [
     ({"async_scheduling": True}, "does not support async scheduling .*remove async_scheduling"),
     ({"speculative": {"disable_padded_drafter_batch": True}}, "does not support disable_padded_drafter_batch"),
+    # A custom logits processor would run on vLLM's chain rows, never at the tree's nodes.
+    ({"logits_processors": ["vllm.v1.sample.logits_processor.builtin.MinTokensLogitsProcessor"]},
+     "does not support custom logits processors .*remove logits_processors"),
 ])
 def test_engine_settings_ddtree_cannot_run_under_are_refused(models, engine, message):
     from vllm.engine.arg_utils import EngineArgs
@@ -179,15 +182,13 @@ def test_parallel_settings_ddtree_cannot_run_under_are_refused_before_start(mode
 @pytest.mark.parametrize("engine,message", [
     ({"data_parallel_size": 2},
      "does not support data parallelism on vLLM's V2 model runner yet.*VLLM_USE_V2_MODEL_RUNNER=0"),
-    ({"speculative": {"ddtree_budget": None}},
-     "does not support the cost-aware budget on vLLM's V2 model runner.*VLLM_USE_V2_MODEL_RUNNER=0"),
     ({"speculative": {"enable_adaptive_verification": True}},
      "does not support adaptive verification .*remove enable_adaptive_verification"),
     ({"watermark_config": {"key": 1}}, "does not support watermarking .*remove watermark_config"),
 ])
 def test_settings_not_served_on_the_v2_runner_are_refused_before_start(models, monkeypatch, engine, message):
-    # vLLM's V2 runner, asked for with its own switch: what ddtree serves only on V1 so far is refused
-    # with the way to V1 (tests/test_v2_runner.py runs what V2 serves).
+    # vLLM's V2 runner, asked for with its own switch: what ddtree does not serve there is refused
+    # (tests/test_v2_runner.py runs what V2 serves).
     from vllm.engine.arg_utils import EngineArgs
 
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")

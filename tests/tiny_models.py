@@ -98,12 +98,13 @@ def _moe_layer_weights(prefix: str, gen, experts: int) -> dict[str, torch.Tensor
 
 
 def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: int = 0,
-                 attention_scale: float = 1.0) -> str:
+                 attention_scale: float = 1.0, layers: int = TARGET_LAYERS) -> str:
     """``head_scale`` sets how peaked the target is: 1.5 is near-deterministic, 0.15 samples widely.
     ``experts`` > 0 writes a Qwen3-MoE target (that many experts, two per token) instead.
     ``attention_scale`` scales every layer's attention projections: at 1 the next token depends
     mostly on the current one (greedy answers settle on a repeated token), at 4 on the context too
-    (every prompt gets its own answer, and wrong tree positions, masks or KV change it)."""
+    (every prompt gets its own answer, and wrong tree positions, masks or KV change it). ``layers``:
+    fewer for engines whose attention runs interpreted (its drafter must name layers it has)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -121,13 +122,13 @@ def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: i
     weights = {"model.embed_tokens.weight": embed,
                "model.norm.weight": torch.ones(HIDDEN),
                "lm_head.weight": lm_head}
-    for i in range(TARGET_LAYERS):
+    for i in range(layers):
         prefix = f"model.layers.{i}."
         weights.update(_moe_layer_weights(prefix, gen, experts) if experts else _layer_weights(prefix, gen))
         for norm in ("q_norm", "k_norm"):  # Qwen3 normalises q and k per head: their norms set the sharpness
             weights[f"{prefix}self_attn.{norm}.weight"] *= attention_scale
     save_file(weights, os.path.join(folder, "model.safetensors"))
-    config = _qwen3_config(TARGET_LAYERS)
+    config = _qwen3_config(layers)
     if experts:
         config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=experts,
                       num_experts_per_tok=2, moe_intermediate_size=MOE_INTERMEDIATE, decoder_sparse_step=1,
@@ -139,7 +140,8 @@ def write_target(folder: str, seed: int = 0, head_scale: float = 1.5, experts: i
 
 
 def write_dflash_drafter(folder: str, seed: int = 1, layers: int = 1, block_size: int = BLOCK_SIZE,
-                         target_layer_ids=tuple(TARGET_LAYER_IDS), mask_token_id: int = 1) -> str:
+                         target_layer_ids=tuple(TARGET_LAYER_IDS), mask_token_id: int = 1,
+                         target_layers: int = TARGET_LAYERS) -> str:
     """z-lab format: DFlashDraftModel, block_size, dflash_config; no embedding or LM head (shared)."""
     from safetensors.torch import save_file
 
@@ -155,7 +157,7 @@ def write_dflash_drafter(folder: str, seed: int = 1, layers: int = 1, block_size
         weights.update(_layer_weights(f"layers.{i}.", gen))
     save_file(weights, os.path.join(folder, "model.safetensors"))
     config = _qwen3_config(layers, architectures=["DFlashDraftModel"], block_size=block_size,
-                           num_target_layers=TARGET_LAYERS,
+                           num_target_layers=target_layers,
                            dflash_config={"mask_token_id": mask_token_id, "target_layer_ids": list(target_layer_ids)})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
