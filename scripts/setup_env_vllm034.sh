@@ -35,5 +35,7 @@ EOF
 echo "torch==2.14.0" > "$VENV/constraints.txt"
 "$PIP" install -q -r "$VENV/vllm-requirements.txt" -c "$VENV/constraints.txt"
 "$PIP" install -q --no-deps -e .
+# vLLM 0.33.0's wheel, only read (tests/test_compat_source.py checks the adapter's names in its source).
+"$PIP" download -q --no-deps vllm==0.33.0 -d "$VENV/wheels"
 "$VENV/bin/python" -c "import torch, triton, vllm, vllm_ddtree; print('env ok: torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)"
 echo "$want" > "$STAMP"

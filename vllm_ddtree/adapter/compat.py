@@ -263,10 +263,10 @@ def has_custom_methods() -> bool:
     return importlib.util.find_spec("vllm.v1.worker.gpu.spec_decode.speculator_config") is not None
 
 
-def tables() -> dict[str, Table]:
-    """The tables the installed release must match: 0.34+ the custom method and V2; 0.32/0.33 the
-    front door and both runners."""
-    if has_custom_methods():
+def tables(custom_methods: bool | None = None) -> dict[str, Table]:
+    """The tables a release must match (by default the installed one's): 0.34+, which has the
+    custom-method interface, the custom method and V2; 0.32/0.33 the front door and both runners."""
+    if has_custom_methods() if custom_methods is None else custom_methods:
         return {"CUSTOM_METHOD": CUSTOM_METHOD, "REQUESTS": REQUESTS, "SCHEDULER": SCHEDULER_034,
                 "V2_RUNNER": V2_RUNNER, "ATTENTION": ATTENTION}
     return {"FRONT_DOOR": FRONT_DOOR, "REQUESTS": REQUESTS, "SCHEDULER": SCHEDULER, "V1_RUNNER": V1_RUNNER,
