@@ -18,8 +18,11 @@ RMSNorm, SiLU MLP and the projections are plain torch; RoPE and q/k norms are le
 element-wise kernels against the step's GEMMs). Each variant is captured once per shape and replayed;
 the median of ``--repeats`` replays is reported. ``--graphs`` chooses how: ``full`` (the whole step in
 one graph, what full CUDA graphs would give), ``piecewise`` (a graph per piece between attention
-calls, each layer's attention launched eagerly from Python in between: how vLLM runs a ddtree engine,
-whose attention hook decides per step), or ``none`` (eager). ``--launches`` also counts the GPU
+calls, each layer's attention launched eagerly from Python in between: how vLLM runs a ddtree
+engine's target, whose attention hook decides per step), ``v2`` (what vLLM's Model Runner V2 runs:
+plain and chain steps in full graphs, as V2 captures uniform decode batches and DFlash; a tree step
+with its drafter pass, tree build, verify and commit eager and the target's forward piecewise:
+:func:`v2_tree_seconds`), or ``none`` (eager). ``--launches`` also counts the GPU
 kernels and copies of one step of each variant (torch profiler). Projected tokens per second per request set use a
 tau per budget (``--tau``; defaults from the DDTree and DFlash papers' Qwen3-8B figures in
 ``shared/notes``): ``batch * tau / step time``, as ratios to no speculation and to the chain, and the
@@ -174,18 +177,41 @@ def step_functions(shape, target, drafter, depth, budgets, batch, context, devic
         tree_batch = Batch(batch, context, budget + 1, num_blocks, device, gen)
         kv = PagedKV([view for c in target_cache for view in paged_kv_views(c, "vllm")], tree_batch.block_table)
 
-        def tree_step(tree_batch=tree_batch, cache=target_cache, kv=kv, budget=budget):
-            # vllm_ddtree.tree_round.tree_round, with both forwards in pieces (generators, for
-            # piecewise graphs): draft, tree, the target over the tree, then verify and commit.
-            tree = build_tree((yield from draft_logits()), budget)
+        def drafted(budget=budget):
+            return build_tree((yield from draft_logits()), budget)
+
+        def target_over(tree, tree_batch=tree_batch, cache=target_cache):
             tokens = torch.cat([block_ids.view(batch, -1)[:, :1], tree.token_ids.clamp(min=0)], 1).flatten()
-            logits = logits_of((yield from run_layers(embed[tokens], target, cache, tree_batch.with_tree(tree),
-                                                      tree_batch.slots, shape)))
+            return logits_of((yield from run_layers(embed[tokens], target, cache, tree_batch.with_tree(tree),
+                                                    tree_batch.slots, shape)))
+
+        def verified(tree, logits, tree_batch=tree_batch, kv=kv):
             return verify_and_commit(tree, logits, sampling, tree_batch.root_positions,
                                      row_starts=tree_batch.row_starts, kv=kv).num_accepted
 
+        def tree_step(drafted=drafted, target_over=target_over, verified=verified):
+            # vllm_ddtree.tree_round.tree_round, with both forwards in pieces (generators, for
+            # piecewise graphs): draft, tree, the target over the tree, then verify and commit.
+            tree = yield from drafted()
+            return verified(tree, (yield from target_over(tree)))
+
         steps[f"tree {budget}"] = tree_step
+        steps[f"tree {budget} parts"] = (drafted, target_over, verified)
     return steps
+
+
+def v2_tree_seconds(parts, repeats: int, graphs: bool) -> float:
+    """A tree step as a ddtree engine on vLLM's Model Runner V2 runs it (``--graphs v2``): the drafter's
+    pass and the tree build eager (V2 captures DFlash in full graphs only, and a ddtree engine runs
+    piecewise), the target's forward in piecewise graphs, the verify and commit eager (the tree
+    verifier runs outside vLLM's graphs); each part timed on its own, the sum returned. ``graphs``
+    False: the target eager too (the CPU smoke run)."""
+    drafted, target_over, verified = parts
+    tree = drive(drafted())
+    logits = drive(target_over(tree))
+    target = piecewise_graphed(functools.partial(target_over, tree)) if graphs else (lambda: drive(target_over(tree)))
+    return (timed(lambda: drive(drafted()), repeats) + timed(target, repeats)
+            + timed(lambda: verified(tree, logits), repeats))
 
 
 def parse_tau(text: str) -> dict[str, float]:
@@ -201,15 +227,16 @@ def main():
     parser.add_argument("--depth", type=int, default=15, help="D = the drafter's block size - 1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tau", default=DEFAULT_TAU, help="tau per row: chain=..,<budget>=..")
-    parser.add_argument("--graphs", choices=["full", "piecewise", "none"], default="full",
-                        help="the whole step in one CUDA graph, graphs between eager attention calls, or eager")
+    parser.add_argument("--graphs", choices=["full", "piecewise", "v2", "none"], default="full",
+                        help="the whole step in one CUDA graph, graphs between eager attention calls, vLLM V2's "
+                             "modes (plain and chain full; trees: see v2_tree_seconds), or eager")
     parser.add_argument("--launches", action="store_true", help="also count GPU kernels and copies per step")
     parser.add_argument("--smoke", action="store_true", help="tiny model through the interpreter on CPU")
     args = parser.parse_args()
     shape = QWEN3_8B
     if args.smoke:
         shape, args.batch, args.context, args.budgets, args.depth, args.repeats = TINY, [2], [40], [4], 3, 1
-        args.graphs = "none"
+        args.graphs = "v2" if args.graphs == "v2" else "none"  # v2: its parts, eager
     elif not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU for real figures (use --smoke to check the script on CPU)")
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -233,12 +260,15 @@ def main():
                 seconds, launches = {}, {}
                 for name in names:
                     step = steps[name]
-                    if args.graphs == "piecewise":
-                        fn = piecewise_graphed(step)
+                    if args.graphs == "v2" and name.startswith("tree"):
+                        seconds[name] = v2_tree_seconds(steps[f"{name} parts"], args.repeats, device == "cuda")
                     else:
-                        fn = functools.partial(lambda step: drive(step()), step)
-                        fn = cuda_graphed(fn) if args.graphs == "full" else fn
-                    seconds[name] = timed(fn, args.repeats)
+                        if args.graphs == "piecewise":
+                            fn = piecewise_graphed(step)
+                        else:
+                            fn = functools.partial(lambda step: drive(step()), step)
+                            fn = cuda_graphed(fn) if args.graphs in ("full", "v2") and device == "cuda" else fn
+                        seconds[name] = timed(fn, args.repeats)
                     if args.launches:
                         launches[name] = count_gpu_ops(lambda step=step: drive(step()))
             except torch.OutOfMemoryError:

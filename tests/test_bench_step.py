@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 
-def test_step_benchmark_smoke_run_projects_every_row():
+
+@pytest.mark.parametrize("graphs", ["none", "v2"])  # v2: the tree step timed in its parts (eager on CPU)
+def test_step_benchmark_smoke_run_projects_every_row(graphs):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_step.py"), "--smoke",
-                          "--tau", "chain=2,4=3"], capture_output=True, text=True, timeout=300,
+                          "--graphs", graphs, "--tau", "chain=2,4=3"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     row = next(line.split() for line in run.stdout.splitlines() if line.split()[:2] == ["2", "40"])
