@@ -28,3 +28,6 @@ python3 benchmarks/bench_step.py --context 1024 4096 2>&1 | tee "$OUT/bench_step
 # The cost of piecewise graphs (attention eager between graphed pieces, as a ddtree engine runs) against
 # the full-graph figures above, and the GPU kernels per step.
 python3 benchmarks/bench_step.py --graphs piecewise --context 4096 --launches 2>&1 | tee "$OUT/bench_step_piecewise.log"
+# What vLLM's Model Runner V2 (vLLM's runner on GPUs) runs: plain and chain in full graphs, trees with
+# the drafter, build, verify and commit eager and the target piecewise.
+python3 benchmarks/bench_step.py --graphs v2 --context 4096 2>&1 | tee "$OUT/bench_step_v2.log"
