@@ -83,10 +83,22 @@ def moe_target(tmp_path_factory):
 
 # The emulated GPU engines (tests/emulated_gpu.py) take minutes, each test file's jobs in a process of
 # their own (tests/emulated_jobs.py). Those of the collected files start with the session's first test,
-# at a lower CPU priority, so that they run on what the in-process tests leave of the machine; each
-# file's tests then read their results. Test file -> its fixture, and the function there that starts
+# at a lower CPU priority, so that they run on what the in-process tests leave of the machine; those
+# files run last and read their results. Test file -> its fixture, and the function there that starts
 # its jobs.
 EMULATED = {"test_emulated_gpu": "emulated", "test_v2_runner": "v2_engines", "test_vllm034": "vllm034"}
+
+
+def pytest_collection_modifyitems(items):
+    # The files that read the emulated engines' results run last, in this order: the in-process tests
+    # run first, while the engines work beside them.
+    order = {module: i + 1 for i, module in enumerate(EMULATED)}
+
+    def rank(item):
+        module = getattr(item, "module", None)
+        return order.get(module.__name__, 0) if module else 0
+
+    items.sort(key=rank)  # stable: every other test keeps its place
 
 
 @pytest.fixture(scope="session", autouse=True)

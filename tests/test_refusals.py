@@ -180,8 +180,6 @@ def test_parallel_settings_ddtree_cannot_run_under_are_refused_before_start(mode
 
 
 @pytest.mark.parametrize("engine,message", [
-    ({"data_parallel_size": 2},
-     "does not support data parallelism on vLLM's V2 model runner yet.*VLLM_USE_V2_MODEL_RUNNER=0"),
     ({"speculative": {"enable_adaptive_verification": True}},
      "does not support adaptive verification .*remove enable_adaptive_verification"),
     ({"watermark_config": {"key": 1}}, "does not support watermarking .*remove watermark_config"),

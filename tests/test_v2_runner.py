@@ -250,3 +250,51 @@ def test_tensor_parallel_greedy_equals_no_speculation(v2_engines, models, flat, 
     assert result["tokens"] == job(v2_engines, "CPU_ATTN", "greedy_plain")["tokens"]
     metrics = result["metrics"]
     assert metrics["vllm:spec_decode_num_accepted_tokens"] >= 0.5 * metrics["vllm:spec_decode_num_drafts"] > 0
+
+
+SERVER_SITECUSTOMIZE = """import os, sys
+sys.path.insert(0, {tests!r})
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+import emulated_gpu
+emulated_gpu.install(v2_runner=True, attention="CPU_ATTN")
+"""
+
+
+def test_data_parallel_server_greedy_equals_no_speculation(v2_engines, context_pair, tmp_path):
+    # `--data-parallel-size 2` on V2 with a dense target: vLLM runs two independent engines behind one
+    # server (one core each, every process emulating from its start); greedy answers equal the engine's
+    # without speculation, and both engines verified trees.
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_ddtree.tools.engine_runs import openai_server
+
+    target, drafter = context_pair
+    (tmp_path / "sitecustomize.py").write_text(SERVER_SITECUSTOMIZE.format(tests=HERE))
+    env = {"PYTHONPATH": str(tmp_path), "HOME": str(tmp_path), "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4",
+            "--data-parallel-size", "2"]
+
+    def get(url, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as answer:
+            return answer.read().decode()
+
+    requests = list(zip(PROMPTS, GREEDY)) * 2
+    with openai_server(target, {"model": drafter, **ddtree(16)}, args, env, startup_timeout=900) as server:
+        def complete(request):
+            prompt, params = request
+            body = {"model": target, "prompt": prompt, **params}
+            return json.loads(get(server.url + "/v1/completions", body))["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            texts = list(pool.map(complete, requests))
+        accepted = {line.split('engine="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                    for line in get(server.url + "/metrics").splitlines()
+                    if line.startswith("vllm:spec_decode_num_accepted_tokens_total")}
+    plain = [t[0] for t in job(v2_engines, "CPU_ATTN", "greedy_plain")["texts"]]
+    assert texts == plain * 2
+    assert sorted(accepted) == ["0", "1"] and min(accepted.values()) > 0

@@ -113,15 +113,6 @@ def check_parallel_settings(parallel, moe_target: bool) -> None:
                       "replicas across nodes")
 
 
-def v2_alternative() -> str:
-    """Where a setting ddtree does not serve on V2 yet is served: the V1 runner, on releases that have it."""
-    from vllm_ddtree.adapter import compat
-
-    if compat.has_custom_methods():
-        return 'or use method "dflash" with the same drafter (vLLM 0.34 has no V1 runner, where ddtree serves it)'
-    return "or set VLLM_USE_V2_MODEL_RUNNER=0 for the V1 model runner, which serves it"
-
-
 def check_v2_settings(vllm_config) -> None:
     """Engine settings ddtree does not serve on the V2 runner, refused before the engine starts."""
     if getattr(vllm_config.speculative_config, "enable_adaptive_verification", False):
@@ -130,7 +121,4 @@ def check_v2_settings(vllm_config) -> None:
     if getattr(vllm_config, "watermark_config", None) is not None:
         raise refusal("watermarking (watermark_config: V2's watermark sampler reads drafts as a chain)",
                       "remove watermark_config")
-    parallel = vllm_config.parallel_config
-    if parallel.data_parallel_size > 1:
-        raise refusal("data parallelism on vLLM's V2 model runner yet (not tested there)",
-                      f"use tensor_parallel_size, or independent engines, {v2_alternative()}")
+
