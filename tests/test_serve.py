@@ -20,6 +20,7 @@ from tiny_models import BLOCK_SIZE, write_dflash_drafter, write_target
 from vllm_ddtree.tools.engine_runs import openai_server
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from bench_serve import client_args, run_client, write_prompts  # noqa: E402
 from load_serve import load_test  # noqa: E402
 
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
@@ -39,7 +40,13 @@ def models(tmp_path_factory):
     return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
 
 
-def test_serve_answers_and_reports_tree_metrics(models):
+def _spec_counters(server) -> dict[str, float]:
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in _request(server.url + "/metrics").splitlines()
+            if line.startswith("vllm:spec_decode_num") and "per_pos" not in line}
+
+
+def test_serve_answers_and_reports_tree_metrics(models, tmp_path):
     target, drafter = models
     spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16, "ddtree_budget": "fixed"}
     with openai_server(target, spec, SERVER_ARGS, ENV) as server:
@@ -50,12 +57,26 @@ def test_serve_answers_and_reports_tree_metrics(models):
             "model": target, "messages": [{"role": "user", "content": "the tree"}], "max_tokens": 12,
             "temperature": 0}))
         assert chat["choices"][0]["message"]["role"] == "assistant"
-        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-                   for line in _request(server.url + "/metrics").splitlines()
-                   if line.startswith("vllm:spec_decode_num") and "per_pos" not in line}
+        metrics = _spec_counters(server)
         assert metrics["vllm:spec_decode_num_drafts_total"] > 0
         assert metrics["vllm:spec_decode_num_draft_tokens_total"] == 16 * metrics["vllm:spec_decode_num_drafts_total"]
         assert metrics["vllm:spec_decode_num_accepted_tokens_total"] > 0
+
+        # vLLM's own benchmark client (`vllm bench serve`, benchmarks/bench_serve.py's arguments): it
+        # completes every request, and its acceptance length is the engine's tau over those requests
+        # (1 + accepted tokens per verify step, from the engine's counters around the run).
+        dataset = write_prompts(["alpha beta gamma", "the tree", "one two", "delta"], str(tmp_path / "p.jsonl"))
+        before = _spec_counters(server)
+        result = run_client(client_args(server.url, target, dataset, concurrency=2, num_prompts=4, max_tokens=20,
+                                        result_dir=str(tmp_path), result_name="r.json", warmups=0))
+        after = _spec_counters(server)
+        drafts, accepted = (after[f"vllm:spec_decode_num_{k}_total"] - before[f"vllm:spec_decode_num_{k}_total"]
+                            for k in ("drafts", "accepted_tokens"))
+        assert result["completed"] == 4 and 0 < result["total_output_tokens"] <= 4 * 20
+        assert drafts > 0 and accepted > 0
+        assert result["spec_decode_acceptance_length"] == pytest.approx(1 + accepted / drafts, rel=1e-9)
+        assert json.load(open(tmp_path / "r.json"))["spec_decode_acceptance_length"] == pytest.approx(
+            result["spec_decode_acceptance_length"])
 
 
 def test_serve_refuses_a_bad_speculative_config(models):
