@@ -173,6 +173,11 @@ def main():
           f"{'= AR':>9}")
     sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts,
             "json": lambda: [prompt for prompt, _ in json_requests()]}
+    from tqdm import tqdm
+
+    rows_per_pass = 1 + (args.chain != "none") + len(args.budgets)
+    bar = tqdm(total=len(args.sets) * len(args.temperatures) * rows_per_pass, desc="rows", unit="row",
+               dynamic_ncols=True)
     for name in args.sets:
         prompts = sets[name]()[: args.limit or None]
         schemas = [schema for _, schema in json_requests()][: len(prompts)] if name == "json" else None
@@ -197,6 +202,7 @@ def main():
             chain_tau = ar_speed = None
             for row in rows:
                 label, spec, drafting = row
+                bar.set_postfix_str(f"{name}, T = {temperature:g}, {label}")
                 with drafting():
                     result = run(args.target, prompts, temperature, args.max_tokens,
                                  spec and {"model": args.drafter, **spec}, args.dtype, schemas=schemas)
@@ -212,8 +218,9 @@ def main():
                 # "= AR": outputs equal to autoregressive ones, or how many differ and the largest
                 # log-prob gap of the autoregressive run where they part (small = a near tie).
                 same = ("yes" if not gaps else f"{len(gaps)}:{max(gaps):.3f}") if greedy else "-"
-                print(f"{name:>9} {temperature:>4} {label:>12} {result.tau:>6.2f} {steps:>7} {ratio:>9} "
-                      f"{result.tokens_per_second:>7.1f} {speedup:>5.2f}x {same:>9}", flush=True)
+                bar.write(f"{name:>9} {temperature:>4} {label:>12} {result.tau:>6.2f} {steps:>7} {ratio:>9} "
+                          f"{result.tokens_per_second:>7.1f} {speedup:>5.2f}x {same:>9}")
+                bar.update()
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps({"set": name, "prompts": len(prompts), "T": temperature, "method": label,
@@ -221,7 +228,10 @@ def main():
                                             "vs_chain": result.tau / chain_tau if chain_tau else None,
                                             "tokens_per_second": result.tokens_per_second, "vs_ar": speedup,
                                             "differ": len(gaps), "gaps": gaps,
-                                            "dtype": args.dtype, "max_tokens": args.max_tokens}) + "\n")
+                                            "dtype": args.dtype, "max_tokens": args.max_tokens,
+                                            "drafter": os.path.basename(args.drafter.rstrip("/"))}) + "\n")
+    bar.close()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,6 +68,7 @@ def measure(engine, prompts, concurrency, min_prompts, max_tokens, repeats):
 def main():
     from bench_acceptance import humaneval_prompts, mtbench_prompts
     from harness import print_header
+    from tqdm import tqdm
     from vllm import SamplingParams
 
     from vllm_ddtree.tools.demo import DEFAULT_DRAFTER
@@ -94,9 +95,12 @@ def main():
     sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts}
     prompts = {name: sets[name]() for name in args.sets}
     table = {}
-    for label, spec in rows(depth, args.budgets, not args.no_cost_aware):
-        if args.only and label not in args.only:
-            continue
+    selected = [(label, spec) for label, spec in rows(depth, args.budgets, not args.no_cost_aware)
+                if not args.only or label in args.only]
+    bar = tqdm(total=len(selected) * len(args.sets) * len(args.concurrency), desc="measurements", unit="row",
+               dynamic_ncols=True)
+    for label, spec in selected:
+        bar.set_postfix_str(f"starting {label}")
         with open_engine(smollm2_folder(), spec and {"model": args.drafter, **spec}, dtype=args.dtype,
                          max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5, seed=0,
                          max_num_seqs=max(args.concurrency), enable_prefix_caching=False) as engine:
@@ -104,17 +108,21 @@ def main():
                             chat=True)
             for name in args.sets:
                 for c in args.concurrency:
+                    bar.set_postfix_str(f"{label}, {name}, concurrency {c}")
                     speed, tau = measure(engine, prompts[name], c, args.min_prompts, args.max_tokens, args.repeats)
                     table[(name, c, label)] = (speed, tau)
                     base = table.get((name, c, "no spec"), (None,))[0]
                     ratio = f"{speed / base:.2f}x" if base else "-"
-                    print(f"{name:>9} c={c:<3} {label:>18} {speed:>8.1f} tok/s  tau {tau:5.2f}  {ratio:>6} "
-                          "of no spec", flush=True)
+                    bar.write(f"{name:>9} c={c:<3} {label:>18} {speed:>8.1f} tok/s  tau {tau:5.2f}  {ratio:>6} "
+                              "of no spec")
+                    bar.update()
                     if args.json:
                         with open(args.json, "a") as f:
                             f.write(json.dumps({"set": name, "concurrency": c, "row": label, "tokens_per_second":
                                                 speed, "tau": tau, "vs_no_spec": speed / base if base else None,
-                                                "max_tokens": args.max_tokens, "dtype": args.dtype}) + "\n")
+                                                "max_tokens": args.max_tokens, "dtype": args.dtype,
+                                                "drafter": os.path.basename(args.drafter)}) + "\n")
+    bar.close()
     print("\ntokens/s (ratio to no speculation), tau")
     labels = list(dict.fromkeys(label for _, _, label in table))
     for name in args.sets:

@@ -8,6 +8,7 @@ dflash chain on that drafter.
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -129,7 +130,7 @@ def test_trainer_learns_on_the_targets_device(tmp_path, device):
     assert os.path.isfile(tmp_path / "saved" / "model.safetensors")
 
 
-def test_drafter_checkpoint_loads_back_and_training_resumes(tmp_path):
+def test_drafter_checkpoint_loads_back_and_training_resumes(tmp_path, capsys):
     from tiny_models import write_target
 
     target, sequences, features, _, drafter = _train_tiny_drafter(write_target(str(tmp_path / "t")), "cpu", steps=6)
@@ -152,9 +153,14 @@ def test_drafter_checkpoint_loads_back_and_training_resumes(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_drafter(target, sequences, drafter.c, state_path=state, save_every=2, on_save=stop_at_4, **kwargs)
-    resumed = train_drafter(target, sequences, drafter.c, state_path=state, save_every=2,
-                            on_save=lambda step, _: saved.append(step), **kwargs)
+    capsys.readouterr()
+    resumed = train_drafter(target, sequences, drafter.c, state_path=state, save_every=2, progress=True,
+                            on_save=lambda step, _: saved.append(step) or {"held-out chain tau": f"{step}.5"}, **kwargs)
     assert saved == [2, 4, 6]
+    # The progress bar: from the resumed step to the last, with the loss and what on_save returned.
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("training: 100%") and "6/6" in bar and "held-out chain tau=6.5" in bar, bar
+    assert re.search(r"loss=\d+\.\d{3}", bar), bar
     for name, weight in whole.checkpoint_state().items():
         assert torch.equal(resumed.checkpoint_state()[name], weight), name
     with pytest.raises(ValueError, match="state of another run"):

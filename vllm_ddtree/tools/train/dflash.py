@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from torch import nn
 
 
@@ -232,18 +233,21 @@ def extract_features(target, sequences, layer_ids) -> list[torch.Tensor]:
     return extract_features_and_teacher(target, sequences, layer_ids, teacher_top=0)[0]
 
 
-def extract_features_and_teacher(target, sequences, layer_ids, teacher_top: int = TEACHER_TOP):
+def extract_features_and_teacher(target, sequences, layer_ids, teacher_top: int = TEACHER_TOP,
+                                 progress: bool = False):
     """One target pass per sequence giving both the drafter's context features (as
     :func:`extract_features`) and the teacher of :func:`train_drafter`'s ``distill``: per position p the
     target's distribution for the token at p + 1 (its final hidden state through its LM head, at T = 1),
     kept as its ``teacher_top`` most likely tokens, ``(probabilities [T, k] float32 renormalised to sum 1,
-    token ids [T, k])``. ``teacher_top`` = 0 skips the teacher (returns ``None`` for it)."""
+    token ids [T, k])``. ``teacher_top`` = 0 skips the teacher (returns ``None`` for it). ``progress``
+    shows a bar of sequences done."""
     target.eval().requires_grad_(False)
     device = target.get_input_embeddings().weight.device
     head = target.get_output_embeddings()
     feats, teacher = [], [] if teacher_top else None
     with torch.no_grad():
-        for tokens, _ in sequences:
+        for tokens, _ in tqdm(sequences, desc="target features", unit="answer", disable=not progress,
+                              dynamic_ncols=True):
             hs = target(tokens.to(device).unsqueeze(0), output_hidden_states=True).hidden_states
             feats.append(torch.cat([hs[i + 1][0] for i in layer_ids], -1))
             if teacher_top:  # hidden_states[-1] is after the final norm: what the LM head reads
@@ -273,7 +277,7 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
                   lr: float = 2e-3, decay: float = 4.0, seed: int = 0, log_every: int = 0,
                   sequences_per_step: int = 1, features: list[torch.Tensor] | None = None,
                   distill: float = 0.0, teacher: list | None = None, state_path: str | None = None,
-                  save_every: int = 0, on_save=None) -> DFlashDrafter:
+                  save_every: int = 0, on_save=None, progress: bool = False) -> DFlashDrafter:
     """Trains a drafter for a Hugging Face causal LM ``target`` on ``sequences`` (token id tensors of
     the target's own text, each with its prompt length): list of ``(tokens [T], prompt_len)``.
     Each step takes ``anchors_per_step`` random anchors in each of ``sequences_per_step`` sequences.
@@ -281,7 +285,8 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
     text's token (``teacher``: from :func:`extract_features_and_teacher`, computed if not given).
     With ``state_path``, the run saves its state there every ``save_every`` steps and at the end, and
     a run started with an existing state file continues from it (same data and arguments); ``on_save``
-    is called with ``(step, drafter)`` after each save (to evaluate the checkpoints).
+    is called with ``(step, drafter)`` after each save (to evaluate the checkpoints); a dictionary it
+    returns is shown beside the loss on the progress bar (``progress``: steps, loss, time left).
     The drafter trains on the target's device (a GPU when the target is on one)."""
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be in [0, 1], got {distill}")
@@ -320,10 +325,13 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
                         "generator": gen.get_state()}, state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)  # a run killed mid-save keeps the last state
         if on_save:
-            on_save(step, drafter)
+            return on_save(step, drafter)
 
     S = config.block_size
     usable = [i for i, (t, p) in enumerate(sequences) if (span := _anchor_range(t, p, S))[1] >= span[0]]
+    bar = tqdm(total=steps, initial=first_step, desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    shown = {}
     for step in range(first_step, steps):
         loss = 0.0
         for _ in range(sequences_per_step):
@@ -350,11 +358,17 @@ def train_drafter(target, sequences, config: DrafterConfig, steps: int, anchors_
         opt.step()
         sched.step()
         if log_every and step % log_every == 0:
-            print(f"step {step} loss {loss.item():.3f}", flush=True)
+            (bar.write if progress else print)(f"step {step} loss {loss.item():.3f}")
+        if progress and (step % 10 == 0 or step == steps - 1):  # read back every 10th step: a sync on a GPU
+            shown["loss"] = f"{loss.item():.3f}"
+            bar.set_postfix(shown, refresh=False)
+        bar.update()
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            save(step + 1)
+            shown.update(save(step + 1) or {})
     if first_step < steps or not state_path:
-        save(steps)
+        shown.update(save(steps) or {})
+        bar.set_postfix(shown)
+    bar.close()
     return drafter
 
 

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 CODING = ["reverses a string", "checks whether a number is prime", "merges two sorted lists", "counts vowels",
           "computes the nth Fibonacci number", "flattens a nested list", "finds the maximum of a list",
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
                     "layers": config.target_layer_ids, "teacher_top": TEACHER_TOP}
     features, teacher, held_out_features = _cached(
         args.features_cache, features_key,
-        lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, TEACHER_TOP),
+        lambda: (*extract_features_and_teacher(target, train, config.target_layer_ids, TEACHER_TOP, progress=True),
                  extract_features(target, held_out, config.target_layer_ids)))
     timings["features_s"] = round(time.time() - t0)
     print(f"features: {timings['features_s']} s", flush=True)
@@ -222,14 +223,15 @@ def main(argv=None) -> int:
                                    tree_budget=args.tree_budget)
         checkpoints.append({"step": step, "chain_tau": round(quality["chain_tau"], 4),
                             "tree_tau": round(quality["tree_tau"], 4)})
-        print(f"checkpoint {step}: held-out chain tau {quality['chain_tau']:.3f}, "
-              f"tree tau (B = {args.tree_budget}) {quality['tree_tau']:.3f}", flush=True)
+        tqdm.write(f"checkpoint {step}: held-out chain tau {quality['chain_tau']:.3f}, "
+                   f"tree tau (B = {args.tree_budget}) {quality['tree_tau']:.3f}")
+        return {"held-out chain tau": f"{quality['chain_tau']:.3f}", "tree tau": f"{quality['tree_tau']:.3f}"}
 
     t0 = time.time()
     drafter = train_drafter(target, train, config, steps=args.steps, anchors_per_step=args.anchors,
                             sequences_per_step=args.sequences_per_step, lr=args.lr, features=features,
-                            log_every=100, distill=args.distill, teacher=teacher, state_path=args.state,
-                            save_every=args.save_every, on_save=score)
+                            distill=args.distill, teacher=teacher, state_path=args.state,
+                            save_every=args.save_every, on_save=score, progress=True)
     timings["training_s_this_run"] = round(time.time() - t0)
     print(f"training: {timings['training_s_this_run']} s", flush=True)
     quality = evaluate_drafter(drafter, target, held_out, held_out_features, max_anchors=None,
@@ -297,7 +299,7 @@ def _target_answers(target_dir: str, prompts: list[str], new_tokens: int, dtype:
     llm = LLM(model=target_dir, dtype=dtype, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5,
               seed=0)
     params = SamplingParams(temperature=temperature, max_tokens=new_tokens)
-    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)  # vLLM's progress bar
     sequences = [(torch.tensor(list(o.prompt_token_ids) + list(o.outputs[0].token_ids)), len(o.prompt_token_ids))
                  for o in outputs]
     del llm
