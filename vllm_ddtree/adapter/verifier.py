@@ -53,12 +53,7 @@ class TreeVerifier:
         first = metadata.cu_num_sampled_tokens.to(dev, torch.int64) - (num_draft + 1)
         sampling = _tree_sampling(sampling_metadata, num_draft.shape[0], dev)
         processing = node_processing(sampling_metadata, num_draft.shape[0], logits.shape[-1], dev)
-        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first,
-                              processing=processing)
-        step.accepted_nodes = verdict.accepted_nodes
-        if self.state.calibration is not None:
-            self.state.calibration.update(step.tree.scores, verdict.num_accepted)
-        _commit_kv(self.state, step, verdict.accepted_nodes)
+        verdict = _verify_and_commit(self.state, step, logits, sampling, first, processing)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
             logprobs = self._logprobs(logits, first, step.tree, verdict, sampling_metadata, processing)
@@ -134,12 +129,7 @@ class V2TreeVerifier:
         sampling = _v2_tree_sampling(self.sampler.sampling_states, input_batch)
         processing = v2_node_processing(self.sampler, self.req_states, input_batch, step.root_positions,
                                         self.bad_words)
-        verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first,
-                              processing=processing)
-        step.accepted_nodes = verdict.accepted_nodes
-        if self.state.calibration is not None:
-            self.state.calibration.update(step.tree.scores, verdict.num_accepted)
-        _commit_kv(self.state, step, verdict.accepted_nodes)
+        verdict = _verify_and_commit(self.state, step, logits, sampling, first, processing)
         # vLLM's layout has B+1 slots a request; a path holds at most min(B, D) + 1 tokens.
         width = self.budget + 1
         sampled = verdict.output_tokens[:, :width]
@@ -178,6 +168,17 @@ class V2TreeVerifier:
         return compute_topk_scores(rows, num_logprobs, verdict.output_tokens.flatten().clamp(min=0),
                                    list(range(0, R * W + 1, W)), self.sampler.logprob_token_ids_state, expanded,
                                    max_token_ids, logits_mode=mode.endswith("logits"))
+
+
+def _verify_and_commit(state: DDTreeState, step: StepTrees, logits, sampling, first, processing):
+    """Round steps 4 and 5, on either runner: the tree verified on the target's logits (rows from
+    ``first``), the calibration told what was accepted, the accepted path's KV committed."""
+    verdict = verify_tree(step.tree, logits, sampling, step.root_positions, row_starts=first, processing=processing)
+    step.accepted_nodes = verdict.accepted_nodes
+    if state.calibration is not None:
+        state.calibration.update(step.tree.scores, verdict.num_accepted)
+    _commit_kv(state, step, verdict.accepted_nodes)
+    return verdict
 
 
 def _commit_kv(state: DDTreeState, step: StepTrees, accepted_nodes: torch.Tensor) -> None:

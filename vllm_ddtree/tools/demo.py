@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         print(f"error: no drafter at {args.drafter} (the repository ships drafters/smollm2-dflash-b8)", file=sys.stderr)
         return 1
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: four requests of at most 2048 tokens
     log_path = None
     if not args.verbose:
         log_path = tempfile.NamedTemporaryFile(prefix="ddtree-demo-", suffix=".log", delete=False).name
