@@ -128,7 +128,8 @@ def main(argv=None) -> int:
                                                 "median_ttft_ms": result["median_ttft_ms"],
                                                 "median_tpot_ms": result["median_tpot_ms"],
                                                 "max_tokens": args.max_tokens, "dtype": args.dtype,
-                                                "client": "vllm bench serve"}) + "\n")
+                                                "client": "vllm bench serve",
+                                                "drafter": os.path.basename(args.drafter.rstrip("/"))}) + "\n")
                     bar.update()
     print(f"\n{args.set}, last {len(prompts)} prompts, {args.max_tokens} new tokens, greedy, {args.dtype}")
     print(f"{'row':>20} " + " ".join(f"{'c=' + str(c):>26}" for c in args.concurrency))
