@@ -24,6 +24,7 @@ vLLM changed code we hook, and the plugin then patches nothing but the refusal o
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -257,6 +258,7 @@ def mismatch(path: str, expected) -> str | None:
     return None
 
 
+@functools.cache  # the installed vLLM does not change; the scheduler asks for every grammar row
 def has_custom_methods() -> bool:
     """Whether the installed vLLM offers the custom speculative-method interface (0.34+), where it
     has only Model Runner V2."""

@@ -121,4 +121,3 @@ def check_v2_settings(vllm_config) -> None:
     if getattr(vllm_config, "watermark_config", None) is not None:
         raise refusal("watermarking (watermark_config: V2's watermark sampler reads drafts as a chain)",
                       "remove watermark_config")
-
