@@ -22,7 +22,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 PROMPTS = ["alpha beta", "the tree of draft", "gamma delta token verify commit",
            "commit the draft of a tree and verify the token alpha beta gamma delta"]
-GREEDY = [{"temperature": 0, "max_tokens": n, "ignore_eos": True} for n in (32, 12, 24, 16)]
 MAX_MODEL_LEN = 512  # tests/tiny_engines.py's ENGINE
 
 # A cost table that makes the cost-aware budget keep a few nodes a request (trees cut), and one under
@@ -42,6 +41,9 @@ def ddtree(budget: int, policy: str = "fixed", custom_method: bool = False, **op
 
 def _greedy(max_tokens: int, **more) -> dict:
     return {"temperature": 0, "max_tokens": max_tokens, **more}
+
+
+GREEDY = [_greedy(n, ignore_eos=True) for n in (32, 12, 24, 16)]
 
 
 # One batch of every request feature, each in a row of its own beside plain greedy rows, each chosen
