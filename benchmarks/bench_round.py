@@ -9,7 +9,8 @@ reported on its own.
 Usage: ``python benchmarks/bench_round.py [--requests 1 8 32 64] [--budgets 16 32 64 128]``.
 Prints a table and the machine, versions and command; on a GPU times are taken with CUDA events
 after warm-up, on CPU with ``time.perf_counter`` (medians). ``build`` is the torch beams
-(``fused=False``), ``kernel`` the one-launch Triton selection (GPU only; ``ours`` uses it there). On a
+(``builder="beams"``), ``kernel`` the one-launch Triton selection (GPU only; ``ours`` uses it there),
+``heap`` the host heap (``builder="heap"``, CPU only; ``ours`` on CPU uses the beams). On a
 GPU the column ``graphed`` is the whole round (kernel build + walk + commit) captured in one CUDA graph
 and replayed, what a serving step pays; ``gr.beams`` the same with the torch beams, and ``compiled``
 (``--compile``) the beams and walk through torch.compile, graphed. Goal (issue 14): ``graphed`` <= 50 us
@@ -75,7 +76,8 @@ def main():
     args = parser.parse_args()
     build, walk = build_tree_from_topk, walk_tree
     if args.compile:
-        build = torch.compile(functools.partial(build_tree_from_topk, fused=False), fullgraph=True, dynamic=False)
+        build = torch.compile(functools.partial(build_tree_from_topk, builder="beams"), fullgraph=True,
+                              dynamic=False)
         walk = torch.compile(walk_tree, fullgraph=True, dynamic=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -84,7 +86,8 @@ def main():
     print_header()
     print(f"D = {DEPTH}, V = {VOCAB}; commit over {LAYERS} layers of {KV_HEADS}x{HEAD_DIM} {dtype}, block {BLOCK_SIZE}")
     print("times per step in microseconds (median); ratio = reference / ours for build+walk+commit\n")
-    header = (f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'kernel':>9} {'walk':>9} {'commit':>9} {'ours':>9} "
+    header = (f"{'R':>3} {'B':>4} {'topk(V)':>9} {'build':>9} {'kernel':>9} {'heap':>9} {'walk':>9} {'commit':>9} "
+              f"{'ours':>9} "
               f"{'reference':>10} {'ratio':>7} {'graphed':>9} {'gr.beams':>9}" + (f" {'compiled':>9}" if args.compile else ""))
     print(header)
     for R in args.requests:
@@ -93,11 +96,13 @@ def main():
             k = min(B, VOCAB)
             t_topk = timed(lambda: draft_topk(logits, k), args.repeats)
             logp, tokens = draft_topk(logits, k)
-            tree = build_tree_from_topk(logp, tokens, B, B, fused=False)
-            t_build = timed(lambda: build_tree_from_topk(logp, tokens, B, B, fused=False), args.repeats)
-            t_kernel = None
+            tree = build_tree_from_topk(logp, tokens, B, B, builder="beams")
+            t_build = timed(lambda: build_tree_from_topk(logp, tokens, B, B, builder="beams"), args.repeats)
+            t_kernel = t_heap = None
             if device == "cuda":
-                t_kernel = timed(lambda: build_tree_from_topk(logp, tokens, B, B, fused=True), args.repeats)
+                t_kernel = timed(lambda: build_tree_from_topk(logp, tokens, B, B, builder="kernel"), args.repeats)
+            else:
+                t_heap = timed(lambda: build_tree_from_topk(logp, tokens, B, B, builder="heap"), args.repeats)
             target_tokens = following_target_tokens(tree, gen)
             t_walk = timed(lambda: walk_tree(tree, target_tokens), args.repeats)
 
@@ -131,14 +136,17 @@ def main():
                     except Exception as err:  # a capture failure is a finding: print it in the table
                         return f"failed: {type(err).__name__}: {err}"[:200]
 
-                graphed = graphed_time(functools.partial(whole_round, functools.partial(build_tree_from_topk, fused=True)))
+                graphed = graphed_time(functools.partial(whole_round, functools.partial(build_tree_from_topk,
+                                                                                         builder="kernel")))
                 graphed_beams = graphed_time(functools.partial(whole_round, functools.partial(build_tree_from_topk,
-                                                                                              fused=False)))
+                                                                                              builder="beams")))
                 if args.compile:
                     compiled = " " + f"{graphed_time(lambda: whole_round(build, walk)):>9}"
             kernel = f"{t_kernel * 1e6:.0f}" if t_kernel is not None else "-"
+            heap = f"{t_heap * 1e6:.0f}" if t_heap is not None else "-"
             us = [x * 1e6 for x in (t_topk, t_build, t_walk, t_commit, ours, t_ref)]
-            print(f"{R:>3} {B:>4} {us[0]:>9.0f} {us[1]:>9.0f} {kernel:>9} " + " ".join(f"{x:>9.0f}" for x in us[2:5])
+            print(f"{R:>3} {B:>4} {us[0]:>9.0f} {us[1]:>9.0f} {kernel:>9} {heap:>9} "
+                  + " ".join(f"{x:>9.0f}" for x in us[2:5])
                   + f" {us[5]:>10.0f} {t_ref / ours:>6.1f}x {graphed:>9} {graphed_beams:>9}{compiled}", flush=True)
 
 

@@ -103,7 +103,7 @@ def test_compiled_tree_build_and_walk_equal_eager():
     from vllm_ddtree.verify import walk_tree
 
     def beams(logp, tokens, budget, max_budget):
-        return build_tree_from_topk(logp, tokens, budget, max_budget, fused=False)
+        return build_tree_from_topk(logp, tokens, budget, max_budget, builder="beams")
 
     build = torch.compile(beams, fullgraph=True, dynamic=False)
     walk = torch.compile(walk_tree, fullgraph=True, dynamic=False)

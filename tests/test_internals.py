@@ -156,6 +156,6 @@ def test_profile_run_reserves_the_largest_tree_step():
     import torch
     from vllm_ddtree.adapter.memory import reserve_tree_step_memory
 
-    assert reserve_tree_step_memory(8, 64, 16, 7, 300, torch.float32, "cpu", fused=False) == (8, 3)
-    assert reserve_tree_step_memory(8, 8192, 16, 7, 300, torch.bfloat16, "cpu", fused=False) == (8, 8)
-    assert reserve_tree_step_memory(4, 10, 16, 7, 300, torch.float32, "cpu", fused=False) == (4, 1)
+    assert reserve_tree_step_memory(8, 64, 16, 7, 300, torch.float32, "cpu", builder="beams") == (8, 3)
+    assert reserve_tree_step_memory(8, 8192, 16, 7, 300, torch.bfloat16, "cpu", builder="beams") == (8, 8)
+    assert reserve_tree_step_memory(4, 10, 16, 7, 300, torch.float32, "cpu", builder="beams") == (4, 1)

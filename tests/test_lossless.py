@@ -20,6 +20,22 @@ def test_greedy_equals_no_speculation(models, reference, budget):
         assert (counters["vllm:spec_decode_num_accepted_tokens"] or 0) >= 0.9 * drafts
 
 
+@pytest.mark.parametrize("path", ["kernel", "dense"])
+def test_both_cpu_attention_paths_are_lossless(models, reference, monkeypatch, path):
+    # Tree steps take the C++ kernel, or with VLLM_DDTREE_CPU_KERNEL=0 the dense-mask SDPA path (the
+    # AMX layout's, and that of machines without a compiler); the layers record which one ran.
+    from vllm_ddtree.adapter.attention import cpu
+
+    taken = []
+    for name, label in (("tree_attention_cpu", "kernel"), ("tree_attention_dense", "dense")):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _f=original, _l=label, **k: taken.append(_l) or _f(*a, **k))
+    monkeypatch.setenv("VLLM_DDTREE_CPU_KERNEL", "1" if path == "kernel" else "0")
+    tokens, counters = generate(models, spec={"method": "ddtree", "num_speculative_tokens": 16})
+    assert tokens == reference
+    assert set(taken) == {path} and counters["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
 def test_cost_aware_budget_with_free_rows_is_the_fixed_budget(models, reference, tmp_path):
     # A cost table where extra rows cost nothing keeps every node: token for token and step for step
     # what the fixed budget does. The table may also come as a JSON file.

@@ -28,7 +28,7 @@ def _source_modules() -> set[str]:
     for folder, shipped_as in (("vllm_ddtree", "vllm_ddtree"), ("kernels", "vllm_ddtree/kernels")):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             for name in files:
-                if name.endswith(".py"):
+                if name.endswith((".py", ".cpp")):
                     relative = os.path.relpath(os.path.join(root, name), os.path.join(REPO, folder))
                     found.add(f"{shipped_as}/{relative}".replace(os.sep, "/"))
     return found
@@ -38,6 +38,7 @@ def test_the_wheel_ships_every_module(wheel):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     modules = _source_modules()
     assert len(modules) > 30 and "vllm_ddtree/adapter/v1_runner.py" in modules
+    assert "vllm_ddtree/kernels/cpu_tree_attention.cpp" in modules
     assert modules - shipped == set()
     entry_points = next(n for n in shipped if n.endswith("entry_points.txt"))
     assert "ddtree = vllm_ddtree.plugin:register" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -101,7 +102,7 @@ def _imports_between_modules() -> dict[str, set[str]]:
     for folder, package in (("vllm_ddtree", "vllm_ddtree"), ("kernels", "vllm_ddtree.kernels")):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             for name in files:
-                if name.endswith(".py"):
+                if name.endswith((".py", ".cpp")):
                     relative = os.path.relpath(os.path.join(root, name), os.path.join(REPO, folder))[:-3]
                     dotted = relative.replace(os.sep, ".").removesuffix("__init__").rstrip(".")
                     paths[f"{package}.{dotted}".rstrip(".")] = os.path.join(root, name)

@@ -1,7 +1,8 @@
 """build_tree against the reference heap, node for node, on thousands of random requests.
 
-Both selections run every test: the torch beams (``fused=False``) and the one-launch Triton kernel
-(``fused=True``, under ``TRITON_INTERPRET=1`` on CPU), so each equals the heap on its own.
+All three selections run every test: the torch beams (``builder="beams"``), the one-launch Triton
+kernel (``"kernel"``, under ``TRITON_INTERPRET=1`` on CPU) and the host heap (``"heap"``), so each
+equals the reference heap on its own.
 """
 
 import os
@@ -18,7 +19,7 @@ TRIALS = int(os.environ.get("DDTREE_TREE_TRIALS", "30"))  # x 24 requests x 5 ki
 # The interpreter runs the kernel's programs one op at a time (~3 s per 24 requests): fewer trials
 # on CPU, the full count where the kernel is compiled.
 KERNEL_TRIALS = TRIALS if torch.cuda.is_available() else max(1, TRIALS // 6)
-fused = pytest.mark.parametrize("fused", [False, True], ids=["beams", "kernel"])
+builders = pytest.mark.parametrize("builder", ["beams", "kernel", "heap"])
 
 
 def _paths(tree, r):
@@ -29,8 +30,8 @@ def _paths(tree, r):
     return [paths[i] for i in range(1, n + 1)]
 
 
-def _check_against_reference(logits, budgets, max_budget, fused):
-    tree = build_tree(logits, budgets, max_budget, fused=fused)
+def _check_against_reference(logits, budgets, max_budget, builder):
+    tree = build_tree(logits, budgets, max_budget, builder=builder)
     k = min(max_budget, logits.shape[-1])
     logp, tokens = draft_topk(logits, k) if k else (None, None)
     for r in range(logits.shape[0]):
@@ -65,11 +66,11 @@ def _logits(gen, R, D, V, kind):
     return x
 
 
-@fused
+@builders
 @pytest.mark.parametrize("kind", ["gauss", "ties", "same_rows", "masked", "certain"])
-def test_matches_reference_heap(kind, fused, device):
+def test_matches_reference_heap(kind, builder, device):
     gen = torch.Generator().manual_seed(hash(kind) % 1000)
-    for trial in range(KERNEL_TRIALS if fused else TRIALS):
+    for trial in range(KERNEL_TRIALS if builder == "kernel" else TRIALS):
         R = 24
         D = int(torch.randint(1, 7, (1,), generator=gen))
         V = int(torch.randint(1, 12, (1,), generator=gen))
@@ -77,41 +78,41 @@ def test_matches_reference_heap(kind, fused, device):
         budgets = torch.randint(0, B + 1, (R,), generator=gen)
         budgets[0] = B
         logits = _logits(gen, R, D, V, kind).to(device)
-        _check_against_reference(logits, budgets.to(device), B, fused)
+        _check_against_reference(logits, budgets.to(device), B, builder)
 
 
-@fused
+@builders
 @pytest.mark.parametrize("budget", [0, 1, 2, 7, 15 * 3 + 100])
-def test_budget_edges(budget, fused, device):
+def test_budget_edges(budget, builder, device):
     # V = 3 and D = 15: a budget over the whole tree's size takes every node the top-K allows.
     gen = torch.Generator().manual_seed(budget)
     logits = torch.randn(8, 15, 3, generator=gen).to(device)
-    tree = _check_against_reference(logits, torch.full((8,), budget), budget, fused)
+    tree = _check_against_reference(logits, torch.full((8,), budget), budget, builder)
     assert tree.token_ids.shape == (8, budget)
     assert tree.ancestor_bits.shape == (8, budget + 1, (budget + 1 + 31) // 32)
 
 
-@fused
-def test_int_budget_equals_tensor_budget(fused, device):
+@builders
+def test_int_budget_equals_tensor_budget(builder, device):
     logits = torch.randn(5, 15, 50, generator=torch.Generator().manual_seed(1)).to(device)
-    a = build_tree(logits, 32, fused=fused)
-    b = build_tree(logits, torch.full((5,), 32, device=device), max_budget=32, fused=fused)
+    a = build_tree(logits, 32, builder=builder)
+    b = build_tree(logits, torch.full((5,), 32, device=device), max_budget=32, builder=builder)
     for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@fused
-def test_large_vocab_realistic_shape(fused, device):
+@builders
+def test_large_vocab_realistic_shape(builder, device):
     # D = 15 (a b16 drafter), a real vocabulary size, peaked drafts as a trained drafter gives.
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(4, 15, 151936, generator=gen) * 4).to(device)
-    _check_against_reference(logits, torch.tensor([64, 16, 1, 128]), 128, fused)
+    _check_against_reference(logits, torch.tensor([64, 16, 1, 128]), 128, builder)
 
 
-@fused
-def test_ancestor_mask_and_order(fused, device):
+@builders
+def test_ancestor_mask_and_order(builder, device):
     gen = torch.Generator().manual_seed(7)
-    tree = build_tree((torch.randn(16, 6, 9, generator=gen) * 2).to(device), 40, fused=fused)
+    tree = build_tree((torch.randn(16, 6, 9, generator=gen) * 2).to(device), 40, builder=builder)
     mask = tree.ancestor_mask().cpu()
     parents = tree.parents.cpu()
     for r in range(16):
@@ -145,24 +146,26 @@ def test_bad_arguments():
         build_tree(torch.zeros(1, 2, 3), -1)
     with pytest.raises(ValueError, match="max_children must be >= 1"):
         build_tree(torch.zeros(1, 2, 3), 2, max_children=0)
+    with pytest.raises(ValueError, match="'beams', 'kernel', 'heap'"):
+        build_tree(torch.zeros(1, 2, 3), 2, builder="fused")
 
 
-@fused
-def test_one_child_per_node_is_the_drafters_argmax_chain(fused, device):
+@builders
+def test_one_child_per_node_is_the_drafters_argmax_chain(builder, device):
     gen = torch.Generator().manual_seed(11)
     R, D, V = 16, 6, 50
     logits = (torch.randn(R, D, V, generator=gen) * 3).to(device)
-    tree = build_tree(logits, D, max_children=1, fused=fused)
+    tree = build_tree(logits, D, max_children=1, builder=builder)
     assert tree.num_nodes.tolist() == [D] * R
     assert torch.equal(tree.token_ids, logits.argmax(-1))
     assert torch.equal(tree.parents, torch.arange(D, device=device).expand(R, -1))
     assert torch.equal(tree.depths, torch.arange(1, D + 1, device=device).expand(R, -1))
     # Without the cap the same budget branches: the baseline really differs from the tree.
-    assert not torch.equal(build_tree(logits, D, fused=fused).parents, tree.parents)
+    assert not torch.equal(build_tree(logits, D, builder=builder).parents, tree.parents)
 
 
 @pytest.mark.parametrize("R,D,V,B", [(3, 15, 40, 64), (2, 15, 400, 300), (1, 4, 2000, 1024), (0, 3, 5, 8)])
-def test_kernel_equals_beams_in_every_field(R, D, V, B, device):
+def test_builders_agree_in_every_field(R, D, V, B, device):
     # Budgets whose ancestor rows span several words (and, at 1024, the largest B the adapter takes),
     # every output tensor compared whole: padding slots, unused ancestor rows and the counts included.
     gen = torch.Generator().manual_seed(B)
@@ -170,11 +173,14 @@ def test_kernel_equals_beams_in_every_field(R, D, V, B, device):
     budgets = torch.randint(0, B + 1, (R,), generator=gen).to(device)
     if R:
         budgets[0] = B
-    beams = build_tree(logits, budgets, B, fused=False)
-    kernel = build_tree(logits, budgets, B, fused=True)
-    for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
-        assert torch.equal(getattr(beams, name), getattr(kernel, name)), name
-    assert kernel.max_depth == D
+    beams = build_tree(logits, budgets, B, builder="beams")
+    for builder in ("kernel", "heap"):
+        other = build_tree(logits, budgets, B, builder=builder)
+        for name in ("token_ids", "parents", "depths", "scores", "num_nodes", "ancestor_bits"):
+            want, got = getattr(beams, name), getattr(other, name)
+            assert (got.device, got.dtype) == (want.device, want.dtype), (builder, name)
+            assert torch.equal(want, got), (builder, name)
+        assert other.max_depth == D
 
 
 def test_draft_topk_in_row_chunks_equals_one_pass(monkeypatch, device):
@@ -189,3 +195,17 @@ def test_draft_topk_in_row_chunks_equals_one_pass(monkeypatch, device):
     want = torch.log_softmax(logits[0, 0].float(), -1).topk(6)
     torch.testing.assert_close(chunked[0][0, 0], want.values)
     assert torch.isinf(chunked[0][1, 2]).all()
+
+
+def test_draft_topk_cpu_chunks_equal_one_pass(monkeypatch):
+    # On CPU draft_topk works in chunks of a few MiB, never of one row: torch's CPU reduction of a
+    # single row splits it over threads, which changes the logsumexp's last bits.
+    from vllm_ddtree import tree
+
+    logits = torch.randn(1, 5, 49152, generator=torch.Generator().manual_seed(4)) * 3
+    one_pass = draft_topk(logits, 8)
+    monkeypatch.setattr(tree, "_CPU_TOPK_WORKING_SET_BYTES", 1)
+    assert [s.stop - s.start for s in tree._cpu_row_chunks(5, 49152 * 8)] == [2, 3]
+    assert tree._cpu_row_chunks(1, 8) == [slice(0, 1)] and tree._cpu_row_chunks(0, 8) == []
+    chunked = draft_topk(logits, 8)
+    assert torch.equal(one_pass[0], chunked[0]) and torch.equal(one_pass[1], chunked[1])

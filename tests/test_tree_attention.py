@@ -5,8 +5,8 @@ import torch
 
 from vllm_ddtree.tree import build_tree, pack_bits
 from vllm_ddtree.kv_commit import paged_kv_views
-from vllm_ddtree.tree_attention import (TreeAttentionMetadata, tree_attention, tree_attention_dense,
-                                        tree_attention_reference, visibility_mask)
+from vllm_ddtree.tree_attention import (TreeAttentionMetadata, cpu_kernel, tree_attention, tree_attention_cpu,
+                                        tree_attention_dense, tree_attention_reference, visibility_mask)
 
 
 def _tree_bits(shape, budget, gen):
@@ -147,6 +147,43 @@ def test_dense_cpu_path_matches_reference(layout, dtype):
     want = tree_attention_reference(query, keys, values, meta, scale=0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("page,head_dim,group", [(16, 64, 4), (32, 128, 1), (128, 64, 3), (64, 256, 2), (16, 32, 2),
+                                                 (32, 80, 1), (128, 96, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_matches_reference(page, head_dim, group, dtype):
+    # The C++ kernel reading vLLM's CPU cache ("cpu" layout) in place: mixed batches (trees of every
+    # shape, prefills, decodes, empty contexts, contexts over several blocks), against the reference.
+    assert cpu_kernel() is not None, "the C++ kernel must build here (a C++ compiler is part of the test setup)"
+    gen = torch.Generator().manual_seed(page + head_dim + group)
+    requests = MIXED + [("tree:deep", 300, 16), ("decode", 517, 1), ("tree:chain", page - 3, 16)]
+    query, keys, values, meta, kv_cache = make_batch(requests, 15, page, 2, group, head_dim, dtype, "cpu", gen,
+                                                     "cpu", with_cache=True)
+    got = tree_attention_cpu(query, kv_cache, meta, scale=head_dim ** -0.5)
+    want = tree_attention_reference(query, keys, values, meta, scale=head_dim ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_cpu_kernel_chain_is_causal_and_padding_is_unread():
+    # A tree that is a chain gives the causal result (what vLLM's kernel computes for a chain's rows),
+    # and keys past each request's length, in the same blocks, are never read: NaN there changes nothing.
+    gen = torch.Generator().manual_seed(11)
+    chain = [("tree:chain", 45, 16), ("tree:chain", 130, 16)]
+    causal = [("prefill", 45, 16), ("prefill", 130, 16)]
+    query, keys, values, meta, kv_cache = make_batch(chain, 15, 32, 2, 3, 64, torch.float32, "cpu", gen, "cpu",
+                                                     with_cache=True)
+    as_tree = tree_attention_cpu(query, kv_cache, meta, scale=0.125)
+    as_causal = tree_attention_cpu(query, kv_cache, TreeAttentionMetadata(
+        meta.query_start_loc, meta.seq_lens, meta.block_table, meta.tree_bits, torch.zeros_like(meta.tree_rows)),
+        scale=0.125)
+    torch.testing.assert_close(as_tree, as_causal, atol=1e-6, rtol=1e-6)
+    for r, (_, context, rows) in enumerate(causal):
+        end = context + rows
+        for view in (keys, values):
+            view[int(meta.block_table[r, end // 32]), end % 32:] = float("nan")
+    assert torch.equal(tree_attention_cpu(query, kv_cache, meta, scale=0.125), as_tree)
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 7])

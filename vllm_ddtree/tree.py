@@ -31,6 +31,14 @@ every kept node its preorder index in the kept forest. All of it is O(D) fixed-s
 host synchronisation and no per-request loop, so it can be captured in a CUDA graph for a fixed
 (R, B).
 
+On the host, a heap (``builder="heap"``): the same selection as a real ``heapq`` walk per request over
+the top-K copied to the host once, the reference's own algorithm with the tie rule above. It touches
+only the nodes it pops and their successors (about B log B work a request, nothing padded to fixed
+shapes), so where the host is the device (vLLM's CPU backend) and R x B is small it costs a fraction
+of the beams' few hundred small torch ops (on a 2-core CPU at D = 7: 0.05 ms against 2.2 ms at R = 1,
+B = 7; 5.6 ms against 8.5 ms at R = B = 64). It syncs with the host and runs Python per node, so it
+is never the builder for a GPU (where it still works, through a copy to the host and back).
+
 Nodes are numbered 1..B in pop order (parents before children); node 0 is the root (the committed
 bonus token). Unused slots hold token -1, parent 0, depth 1 and score -inf: no target token equals
 -1, so they can never be accepted.
@@ -39,19 +47,30 @@ bonus token). Unused slots hold token -1, parent 0, depth 1 and score -inf: no t
 from __future__ import annotations
 
 import functools
+import heapq
+import sys
+from array import array
 from dataclasses import dataclass
 
 import torch
 
-from vllm_ddtree.row_chunks import row_chunks
+from vllm_ddtree.row_chunks import row_chunks, rows_per_chunk
 
 # Packed selection keys (larger = selected first), int64:
 #   bit 62: valid | bits 30..61: order-preserving float32 score | bits 0..29: inverted tie-break rank.
 _TIE_BITS = 30
 _TIE_MAX = (1 << _TIE_BITS) - 1
 _VALID_BIT = 1 << 62
+# build_tree's `builder` values; None picks "kernel" for CUDA tensors and "beams" elsewhere.
+BUILDERS = ("beams", "kernel", "heap")
+# The heap builder makes the ancestor rows on the host, node by node, up to this many node slots
+# (R x B), and with ancestor_bits' torch ops (~0.13 ms at the least on CPU) above it: measured cheaper.
+_HOST_BITS_MAX_NODES = 512
 # draft_topk's transient bytes per vocabulary entry: the float32 copy and logsumexp's float32 work.
 _TOPK_BYTES_PER_ENTRY = 8
+# On CPU draft_topk's chunks stay within this: logsumexp's temporaries then come from the allocator's
+# free lists instead of fresh pages (measured at R = 64, V = 49152: 3x faster than one 88 MB chunk).
+_CPU_TOPK_WORKING_SET_BYTES = 16 << 20
 
 
 @dataclass
@@ -100,13 +119,15 @@ def draft_topk(draft_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
     The only pass over the vocabulary; the tree build itself never touches V again. Rows are
     converted to float32 a bounded chunk at a time (as in :mod:`vllm_ddtree.verify`), so the extra
-    memory does not grow with R x D.
+    memory does not grow with R x D; on CPU in smaller chunks (:func:`_cpu_row_chunks`), the same
+    values bit for bit.
     """
     R, D, V = draft_logits.shape
     flat = draft_logits.reshape(R * D, V)
     logp = torch.empty(R * D, k, dtype=torch.float32, device=flat.device)
     tokens = torch.empty(R * D, k, dtype=torch.int64, device=flat.device)
-    for rows in row_chunks(R * D, V * _TOPK_BYTES_PER_ENTRY):
+    chunks = row_chunks if flat.is_cuda else _cpu_row_chunks
+    for rows in chunks(R * D, V * _TOPK_BYTES_PER_ENTRY):
         # The top-k in the logits' own dtype (widening to float32 keeps every value and its order);
         # only the normaliser needs float32 accuracy.
         top_logits, tokens[rows] = torch.topk(flat[rows], k, dim=-1)
@@ -116,12 +137,22 @@ def draft_topk(draft_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return logp.view(R, D, k), tokens.view(R, D, k)
 
 
+def _cpu_row_chunks(num_rows: int, bytes_per_row: int) -> list[slice]:
+    """:func:`~vllm_ddtree.row_chunks.row_chunks` for draft_topk on CPU: chunks of about
+    :data:`_CPU_TOPK_WORKING_SET_BYTES`, of even sizes and of two rows or more. A one-row chunk would
+    change the logsumexp's bits: torch's CPU reduction to a single value splits the row over threads."""
+    rows = min(rows_per_chunk(bytes_per_row), max(1, _CPU_TOPK_WORKING_SET_BYTES // bytes_per_row))
+    count = min(-(-num_rows // rows), max(1, num_rows // 2))
+    bounds = [i * num_rows // count for i in range(count + 1)] if count else []
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
+
+
 def build_tree(
     draft_logits: torch.Tensor,
     budget: int | torch.Tensor,
     max_budget: int | None = None,
     max_children: int | None = None,
-    fused: bool | None = None,
+    builder: str | None = None,
 ) -> DraftTree:
     """Selects each request's best ``budget`` nodes from its drafter logits ``[R, D, V]``.
 
@@ -129,8 +160,17 @@ def build_tree(
     ``max_budget`` (the B of every output shape) so that no value is read back to the host.
     ``max_children`` keeps only each depth's top tokens as candidates: 1 with budget D gives DFlash's
     chain (the drafter's argmax at every depth), the baseline that trees are measured against.
-    ``fused`` selects the one-launch Triton selection (default: on CUDA tensors); both give the same tree.
+
+    ``builder`` picks how the nodes are selected; all three give the same tree, field for field:
+
+    * ``"beams"``: fixed-shape torch ops (a few hundred small ones), no host sync, CUDA-graph
+      capturable; the default on anything but CUDA tensors;
+    * ``"kernel"``: one Triton program per request (:mod:`vllm_ddtree.kernels.tree_build`), one
+      launch; the default on CUDA tensors;
+    * ``"heap"``: a ``heapq`` walk per request on the host, over the top-K read back once; the
+      cheapest where the host is the device and R x B is small (module docstring).
     """
+    _check_builder(builder)
     if draft_logits.dim() != 3:
         raise ValueError(f"draft_logits must be [R, D, V], got shape {tuple(draft_logits.shape)}")
     if max_children is not None and max_children < 1:
@@ -139,7 +179,12 @@ def build_tree(
     k = min(max_budget, draft_logits.shape[-1], max_children or max_budget)
     logp, tokens = draft_topk(draft_logits, k) if k > 0 else (None, None)
     return build_tree_from_topk(logp, tokens, budget, max_budget, shape=draft_logits.shape[:2],
-                                device=draft_logits.device, fused=fused)
+                                device=draft_logits.device, builder=builder)
+
+
+def _check_builder(builder: str | None) -> None:
+    if builder is not None and builder not in BUILDERS:
+        raise ValueError(f"builder must be one of {', '.join(map(repr, BUILDERS))} or None, got {builder!r}")
 
 
 def _static_budget(budget: int | torch.Tensor, max_budget: int | None) -> int:
@@ -161,9 +206,10 @@ def build_tree_from_topk(
     max_budget: int,
     shape: tuple[int, int] | None = None,
     device: torch.device | None = None,
-    fused: bool | None = None,
+    builder: str | None = None,
 ) -> DraftTree:
     """:func:`build_tree` after :func:`draft_topk`: ``logp``/``tokens`` are ``[R, D, K]``, sorted."""
+    _check_builder(builder)
     B = max_budget
     if logp is None or B == 0 or logp.shape[1] == 0:
         R = shape[0] if logp is None else logp.shape[0]
@@ -171,11 +217,15 @@ def build_tree_from_topk(
         return empty_tree(R, B, dev, shape[1] if logp is None else logp.shape[1])
     R, D, K = logp.shape
     dev = logp.device
+    if builder is None:
+        builder = "kernel" if logp.is_cuda else "beams"
+    if builder == "heap":
+        return _build_tree_heap(logp, tokens, budget, B)
     if isinstance(budget, torch.Tensor):
         budget = budget.to(device=dev, dtype=torch.int64).clamp(0, B)
     else:
         budget = torch.full((R,), budget, dtype=torch.int64, device=dev)
-    if (logp.is_cuda if fused is None else fused):
+    if builder == "kernel":
         return _build_tree_fused(logp, tokens, budget, B)
     if B * K > _TIE_MAX or D * B > _TIE_MAX:
         raise ValueError(f"budget {B} too large for the packed selection keys")
@@ -265,6 +315,96 @@ def _build_tree_fused(logp: torch.Tensor, tokens: torch.Tensor, budget: torch.Te
             # A pop is a chain of reductions over NODES values: one warp (shuffles only) while they fit.
             num_warps=max(1, min(8, nodes // 128)))
     return DraftTree(token_ids, parents, depths, scores, num_nodes, bits, D)
+
+
+def _build_tree_heap(logp: torch.Tensor, tokens: torch.Tensor, budget: int | torch.Tensor, B: int) -> DraftTree:
+    """The same selection as the beams above, as the reference computes it: a ``heapq`` walk per request
+    on the host. The top-K is copied once into flat host arrays and the outputs are written into
+    others that become the output tensors as they are (no Python list of every element either way)."""
+    R, D, K = logp.shape
+    dev = logp.device
+    if not logp.numel():
+        return empty_tree(R, B, dev, D)
+    lp, tok = _host_array("f", torch.float32, logp), _host_array("q", torch.int64, tokens)
+    budgets = budget.tolist() if isinstance(budget, torch.Tensor) else [budget] * R
+    ninf = float("-inf")
+    f32 = array("f", [0.0])  # a Python float stored here and read back is rounded to float32
+    token_ids, parents, depths = array("q", [-1]) * (R * B), array("q", [0]) * (R * B), array("q", [1]) * (R * B)
+    scores, num_nodes = array("f", [ninf]) * (R * B), array("q", [0]) * R
+    # The ancestor rows: built on the host node by node, or (many nodes) by ancestor_bits afterwards.
+    host_bits = R * B <= _HOST_BITS_MAX_NODES and sys.byteorder == "little"
+    row_bytes = 4 * ((B + 32) // 32)
+    pad_rows, bit_rows = _padding_bit_rows(B) if host_bits else b"", []
+    push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
+    for r in range(R):
+        b = min(max(int(budgets[r]), 0), B)
+        k = min(b, K)  # a node of rank >= b follows its b better siblings
+        first = r * D * K  # flat index of (r, depth 1, rank 0)
+        rows = [1]  # ancestor bits of node 0 (the root), 1, 2, ... as Python ints
+        # Entries (-score, ranks, score, parent node, parent score, depth, rank, flat index): the key
+        # (-score, ranks) is unique, so a comparison never reaches the payload. A -inf node would end
+        # the selection when popped, and so would its children and later siblings: it is never pushed.
+        score = 0.0 + lp[first] if k else ninf  # 0.0 + turns -0.0 into 0.0 (exact: lp is float32)
+        heap = [(-score, (0,), score, 0, 0.0, 1, 0, first)] if score > ninf else []
+        n, out = 0, r * B
+        while heap and n < b:
+            # The best node is popped by its first successor replacing it (one sift instead of two).
+            _, ranks, score, parent, parent_score, depth, rank, at = heap[0]
+            token_ids[out], parents[out], depths[out], scores[out] = tok[at], parent, depth, score
+            n += 1
+            out += 1
+            if host_bits:
+                rows.append(rows[parent] | (1 << n))
+            child = sibling = None
+            if depth < D:
+                below = first + depth * K  # (depth + 1, rank 0)
+                f32[0] = score + lp[below]
+                value = f32[0]
+                if value > ninf:
+                    child = (-value, ranks + (0,), value, n, score, depth + 1, 0, below)
+            if rank + 1 < k:
+                f32[0] = parent_score + lp[at + 1]
+                value = f32[0]
+                if value > ninf:
+                    sibling = (-value, ranks[:-1] + (rank + 1,), value, parent, parent_score, depth, rank + 1, at + 1)
+            if child is None:
+                child, sibling = sibling, None
+            if child is None:
+                pop(heap)
+            else:
+                replace(heap, child)
+                if sibling is not None:
+                    push(heap, sibling)
+        num_nodes[r] = n
+        if host_bits:
+            bit_rows.append(b"".join([row.to_bytes(row_bytes, "little") for row in rows]))
+            bit_rows.append(pad_rows[(n + 1) * row_bytes:])
+    if host_bits:
+        bits = torch.frombuffer(bytearray(b"".join(bit_rows)), dtype=torch.int32).view(R, B + 1, -1).to(dev)
+    else:
+        bits = ancestor_bits(torch.frombuffer(parents, dtype=torch.int64).view(R, B).to(dev), D)
+
+    def tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
+        return torch.frombuffer(values, dtype=dtype).to(dev)
+
+    return DraftTree(tensor(token_ids, torch.int64).view(R, B), tensor(parents, torch.int64).view(R, B),
+                     tensor(depths, torch.int64).view(R, B), tensor(scores, torch.float32).view(R, B),
+                     tensor(num_nodes, torch.int64), bits, D)
+
+
+def _host_array(typecode: str, dtype: torch.dtype, values: torch.Tensor) -> array:
+    """``values`` flattened into a new host ``array`` of ``typecode`` (``dtype``'s), in one copy."""
+    host = array(typecode, [0]) * values.numel()
+    torch.frombuffer(host, dtype=dtype).copy_(values.reshape(-1))
+    return host
+
+
+@functools.lru_cache(maxsize=None)
+def _padding_bit_rows(B: int) -> bytes:
+    """The packed ancestor rows of nodes 0..B with no node drafted (bits 0 and i of row i), as the
+    little-endian bytes of their int32 words; the heap builder appends each tree's unused rows from it."""
+    row_bytes = 4 * ((B + 32) // 32)
+    return b"".join([(1 | 1 << i).to_bytes(row_bytes, "little") for i in range(B + 1)])
 
 
 def _pack_key(valid: torch.Tensor, score: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,18 @@ row, the keys up to its own position (causal). A tree that is a chain gives exac
 :func:`tree_attention` is the Triton kernel's launcher (one launch per layer, fixed shapes for a
 fixed batch and B, so it can run inside a CUDA graph). :func:`tree_attention_reference` builds the
 dense boolean mask from the block table and runs plain attention per request: the tests' oracle.
-:func:`tree_attention_dense` is the CPU path (vLLM's CPU attention cannot take a mask): the same dense
-masks, but requests of equal query length share one masked SDPA call, and the gather indices and
-masks are planned once per step (:func:`plan_dense`) for all layers. Both read lengths on the host.
+:func:`tree_attention_cpu` is the CPU path (vLLM's CPU attention cannot take a mask): a C++ kernel
+(``kernels/cpu_tree_attention.cpp``, built on first use with torch's extension builder) that reads
+vLLM's paged CPU cache in place. :func:`tree_attention_dense` is its fallback (no compiler, or a cache
+layout the kernel does not read): the same dense masks, but requests of equal query length share one
+masked SDPA call over a gathered copy of their context, and the gather indices and masks are planned
+once per step (:func:`plan_dense`) for all layers. Both read lengths on the host.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -298,4 +303,53 @@ def tree_attention_dense(query: torch.Tensor, kv_cache: torch.Tensor, layout: st
         o = F.scaled_dot_product_attention(q, k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
                                            attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.transpose(1, 2).to(out.dtype)
+    return out
+
+
+# The layouts the C++ kernel reads: per block and KV head, keys [head_dim, block_size] then values
+# [block_size, head_dim] (vLLM's "vec" and "vec16" ISAs). The AMX layout keeps the dense path.
+CPU_KERNEL_LAYOUTS = ("cpu",)
+# The head sizes it is compiled for (one specialisation each: its loops over a head are unrolled).
+CPU_KERNEL_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
+# VLLM_DDTREE_CPU_KERNEL=0 keeps the dense path (to compare the two, or to run without a compiler quietly).
+CPU_KERNEL_ENV = "VLLM_DDTREE_CPU_KERNEL"
+
+
+def cpu_kernel():
+    """The C++ tree attention kernel's module, built once per machine (about 45 s, then cached by
+    torch's extension builder in ``TORCH_EXTENSIONS_DIR``), or None where it cannot be built (no C++
+    compiler) or :data:`CPU_KERNEL_ENV` is 0: callers then take :func:`tree_attention_dense`.
+    Compiled for the host's own ISA."""
+    if os.environ.get(CPU_KERNEL_ENV, "1") == "0":
+        return None
+    return _built_cpu_kernel()
+
+
+@functools.cache
+def _built_cpu_kernel():
+    from torch.utils.cpp_extension import load
+
+    import vllm_ddtree.kernels
+
+    source = os.path.join(os.path.dirname(vllm_ddtree.kernels.__file__), "cpu_tree_attention.cpp")
+    try:
+        # -fopenmp compiles at::parallel_for's OpenMP regions; the runtime is torch's own (already loaded).
+        return load(name="vllm_ddtree_cpu_tree_attention", sources=[source],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"])
+    except Exception as error:  # no compiler, or a build failure: the dense path still serves
+        logging.getLogger(__name__).warning(
+            "ddtree: the C++ tree attention kernel could not be built (%s); tree steps use the slower "
+            "dense-mask path on vLLM's CPU backend (install a C++ compiler, e.g. g++, to get it)", error)
+        return None
+
+
+def tree_attention_cpu(query: torch.Tensor, kv_cache: torch.Tensor, meta: TreeAttentionMetadata, scale: float,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's contract on one layer's whole cache in the ``"cpu"`` layout (see
+    :data:`vllm_ddtree.kv_commit.LAYOUTS`), by the C++ kernel (:func:`cpu_kernel` must not be None):
+    float32 accumulation, the output in the query's dtype."""
+    if out is None:
+        out = torch.empty_like(query)
+    cpu_kernel().tree_attention_cpu(query, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
+                                    meta.tree_bits, meta.tree_rows, scale, out)
     return out

@@ -67,7 +67,7 @@ class DDTreeProposer(DFlashProposer):
         finally:
             self._pass_logits = None
         tree = build_tree(logits.view(num_reqs, self.depth, -1), self.budget,
-                          fused=state.target.backend.FUSED_TREE_BUILD)
+                          builder=state.target.backend.TREE_BUILDER)
         if state.costs is not None:
             tree = tree.cut(kept_nodes(tree.scores, state.costs, calibration=state.calibration.value))
         state.drafted = DraftedTrees(tree, self.ddtree_runner.input_batch.req_ids[:num_reqs])

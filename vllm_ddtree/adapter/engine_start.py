@@ -22,7 +22,7 @@ def reserve_tree_step(state: DDTreeState, runner, drafter_layers) -> tuple[int, 
     scheduler = runner.scheduler_config
     return reserve_tree_step_memory(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, state.options.budget,
                                     state.options.depth, runner.model_config.get_vocab_size(),
-                                    runner.model_config.dtype, runner.device, fused=backend.FUSED_TREE_BUILD)
+                                    runner.model_config.dtype, runner.device, builder=backend.TREE_BUILDER)
 
 
 def attach_target_layers(state: DDTreeState, layers: dict[str, object], drafter_layers, kv_cache_groups,
@@ -47,7 +47,7 @@ def attach_target_layers(state: DDTreeState, layers: dict[str, object], drafter_
     budget, depth = state.options.budget, state.options.depth
     vocab = model_config.get_vocab_size()
     build_tree(torch.zeros(1, depth, min(budget, vocab), device=device), budget,
-               fused=state.target.backend.FUSED_TREE_BUILD)
+               builder=state.target.backend.TREE_BUILDER)
     attention.warm_up(state.target, budget, depth, model_config.dtype)
 
 

@@ -16,14 +16,14 @@ from vllm_ddtree.verify import TreeSampling, verify_tree
 
 
 def reserve_tree_step_memory(max_num_seqs: int, max_num_batched_tokens: int, budget: int, depth: int, vocab: int,
-                             dtype: torch.dtype, device, fused: bool) -> tuple[int, int]:
-    """Drafts (with the engine's tree builder, ``fused`` as :func:`~vllm_ddtree.tree.build_tree`'s)
+                             dtype: torch.dtype, device, builder: str | None) -> tuple[int, int]:
+    """Drafts (with the engine's tree builder, ``builder`` as :func:`~vllm_ddtree.tree.build_tree`'s)
     and verifies the largest tree step the scheduler can form, on random logits; returns (requests
     drafted, trees verified). A step verifies at most ``max_num_batched_tokens`` rows."""
     drafted = max_num_seqs
     verified = max(1, min(max_num_seqs, max_num_batched_tokens // (budget + 1)))
     logits = torch.randn(drafted, depth, vocab, dtype=dtype, device=device)
-    tree = build_tree(logits, budget, fused=fused).take(slice(verified))
+    tree = build_tree(logits, budget, builder=builder).take(slice(verified))
     logits = torch.randn(verified * (budget + 1), vocab, dtype=dtype, device=device)
     sampling = TreeSampling.uniform(verified, temperature=1.0, top_k=vocab // 2, top_p=0.9, min_p=0.1, device=device)
     verify_tree(tree, logits, sampling, torch.zeros(verified, dtype=torch.int64, device=device),

@@ -4,10 +4,13 @@ C_step(rows): a target step over that many query rows (vLLM's dummy forward, wit
 on the GPU backends, plus the LM head over every row: a verify step needs logits for all of them; on
 vLLM's CPU backend the V1 runner's dummy attention crashes the kernel, so there the attention is left
 out).
-C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
-each, its LM head over D rows each, and the tree build), and on the CPU backend the dense tree
-attention that a tree step runs in every target layer instead of vLLM's kernel (each backend's
-``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention``, :mod:`vllm_ddtree.adapter.attention`).
+C_draft(requests): what a tree step costs beyond its rows: the drafter's pass for that many requests
+(its dummy forward over D + 1 query rows each, its LM head over D rows each, and the tree build), the
+verifier (sampling every node's row at T = 1 and the walk; plain decoding samples one row a
+request, which C_step leaves out as well), and on the CPU backend the tree attention that a tree step
+runs in every target layer instead of vLLM's kernel, with its plan (each backend's
+``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention``, :mod:`vllm_ddtree.adapter.attention`). The KV
+commit (a few copies per layer, only where a path moves) is left out.
 Both are timed at engine start on the engine's own device (median of 3 after a warm-up, one when a pass
 takes over 0.25 s, at powers of two up to what one step can hold), fitted monotone convex, logged in
 one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``) under a key of everything they depend
@@ -31,6 +34,7 @@ from vllm_ddtree.adapter import cuda_only
 from vllm_ddtree.adapter.options import read_table
 from vllm_ddtree.budget import StepCosts
 from vllm_ddtree.tree import build_tree
+from vllm_ddtree.verify import TreeSampling, verify_tree
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step-costs")
 
@@ -75,10 +79,12 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
     """Timed dummy passes: ``({rows: seconds}, {requests: seconds})``, on either model runner."""
     backend = state.target.backend
     target_step, drafter_pass = (_v2_passes if hasattr(runner, "speculator") else _v1_passes)(runner, state)
+    verify_pass = _verify_pass(runner, state)
 
     def speculative_pass(requests):
         drafter_pass(requests)
         backend.extra_tree_attention(state, requests)
+        verify_pass(requests)
 
     step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
     draft = {r: _median_seconds(speculative_pass, r, runner.device) for r in _grid(max_requests)}
@@ -101,7 +107,7 @@ def _v1_passes(runner, state):
         drafter.dummy_run(requests * (depth + 1))
         logits = drafter.model.compute_logits(drafter.hidden_states[: requests * depth])
         build_tree(logits.view(requests, depth, -1)[..., :vocab], state.options.budget,
-                   fused=backend.FUSED_TREE_BUILD)
+                   builder=backend.TREE_BUILDER)
 
     return target_step, drafter_pass
 
@@ -128,6 +134,33 @@ def _v2_passes(runner, state):
         speculator.propose(*args, **kwargs)
 
     return target_step, drafter_pass
+
+
+# The verifier is timed on this many requests' trees at most (random logits of every node's row), and
+# its cost taken as proportional beyond: a full batch's logits would take gigabytes at engine start.
+VERIFY_TIMED_REQUESTS = 4
+
+
+def _verify_pass(runner, state):
+    """The verifier on ``requests`` trees of B nodes (random logits, T = 1): what a tree step adds
+    after the target's forward, beyond the one row a request that plain decoding samples."""
+    vocab = runner.model_config.get_vocab_size()
+    budget, depth, dev = state.options.budget, state.options.depth, runner.device
+    dtype, builder = runner.model_config.dtype, state.target.backend.TREE_BUILDER
+    inputs = {}
+
+    def verify_pass(requests):
+        timed = min(requests, VERIFY_TIMED_REQUESTS)
+        if timed not in inputs:
+            tree = build_tree(torch.randn(timed, depth, vocab, dtype=dtype, device=dev), budget, builder=builder)
+            logits = torch.randn(timed * (budget + 1), vocab, dtype=dtype, device=dev)
+            inputs[timed] = tree, logits, TreeSampling.uniform(timed, temperature=1.0, device=dev)
+        tree, logits, sampling = inputs[timed]
+        for _ in range(-(-requests // timed)):
+            verify_tree(tree, logits, sampling, torch.zeros(timed, dtype=torch.int64, device=dev),
+                        row_starts=torch.arange(timed, device=dev) * (budget + 1))
+
+    return verify_pass
 
 
 def _grid(limit: int) -> list[int]:

@@ -88,7 +88,7 @@ def attach_tree_metadata(state: DDTreeState, attn_metadata: dict) -> None:
 def plan_attention(state: DDTreeState) -> None:
     """The attention backend's plan of the step's tree metadata, for every target layer, once."""
     if state.pending_attention is not None:
-        state.target.backend.plan(state.pending_attention, state.target.kv_caches[0])
+        state.target.backend.plan(state.pending_attention, state.target)
 
 
 def affordable_probe_interval(state: DDTreeState, num_reqs: int, share: float = 0.02) -> int:

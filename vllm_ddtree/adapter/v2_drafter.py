@@ -137,8 +137,8 @@ class DDTreeSpeculator(DFlashSpeculator):
         target = self.ddtree_state.target
         # Before engine start hooks the target (vLLM's profiling run) the builder is the backend's
         # default for the device: its result is dropped.
-        fused = target.backend.FUSED_TREE_BUILD if target is not None else logits.is_cuda
-        self._pass_tree = build_tree(logits, self.budget, fused=fused)
+        builder = target.backend.TREE_BUILDER if target is not None else None
+        self._pass_tree = build_tree(logits, self.budget, builder=builder)
 
     @contextlib.contextmanager
     def timing(self, mode: str):

@@ -5,7 +5,7 @@ backend, each offering the same few functions:
 * ``hook(name, layer)``: gives the layer the tree path on tree steps (refuses, at engine start, what
   the tree path cannot compute);
 * ``cache_layout(name, layer)``: the :data:`vllm_ddtree.kv_commit.LAYOUTS` entry of its cache;
-* ``plan(meta, kv_cache)``: the step's plan for every layer, made once per step before the forward;
+* ``plan(meta, target)``: the step's plan for every layer of ``target``, made once per step before the forward;
 * ``warm_up(layer, budget, depth, dtype)``: at engine start, what would otherwise wait for the first
   tree step (compiles);
 
@@ -13,7 +13,7 @@ and the choices of the rest of the step that go with the backend (never with the
 that an emulated GPU engine runs the GPU path: tests/emulated_gpu.py):
 
 * ``commit(kv_caches, layout, plan)``: round step 5's KV commit;
-* ``FUSED_TREE_BUILD``: the tree builder (:func:`vllm_ddtree.tree.build_tree`'s ``fused``);
+* ``TREE_BUILDER``: the tree builder (:func:`vllm_ddtree.tree.build_tree`'s ``builder``);
 * ``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention(state, requests)``: how step costs are timed
   (:mod:`vllm_ddtree.adapter.step_costs`).
 

@@ -14,7 +14,7 @@ when the layer is hooked, at engine start.
 
 The rest of a step beside these backends is the GPU path too, whatever the tensors' device (so an
 engine emulated with Triton's interpreter runs it, tests/emulated_gpu.py): the one-launch Triton tree
-build (:data:`FUSED_TREE_BUILD`), the KV commit's Triton kernel (:func:`commit`), split-K for the
+build (:data:`TREE_BUILDER`), the KV commit's Triton kernel (:func:`commit`), split-K for the
 device's multiprocessors (:mod:`vllm_ddtree.adapter.cuda_only`), and step costs timed on vLLM's dummy
 runs with their attention (:data:`DUMMY_RUN_ATTENTION`).
 """
@@ -31,8 +31,8 @@ from vllm_ddtree.tree_attention import TreeAttentionMetadata, tree_attention, wa
 
 BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
 
-# The tree build's one-launch Triton selection (vllm_ddtree.tree.build_tree(fused=True)).
-FUSED_TREE_BUILD = True
+# The tree build's one-launch Triton selection (vllm_ddtree.tree.build_tree(builder="kernel")).
+TREE_BUILDER = "kernel"
 
 # vLLM's dummy runs (step-cost timing) run these backends' attention on dummy metadata, as vLLM's own
 # warm-up and graph capture do; a tree step's attention costs about what their causal rows cost.
@@ -56,7 +56,7 @@ def cache_layout(name: str, layer) -> str:
     return "vllm"
 
 
-def plan(meta: TreeAttentionMetadata, kv_cache: torch.Tensor) -> None:
+def plan(meta: TreeAttentionMetadata, target) -> None:
     """Nothing to plan: the kernel reads the step's metadata as it is."""
 
 
