@@ -20,6 +20,7 @@ import collections
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -63,8 +64,8 @@ def instrument(watch: Stopwatch):
                                 (verifier, "verify_tree", "  verify_tree"),
                                 (cpu, "commit_accepted_tokens", "  KV commit (all layers)"),
                                 (v1_runner, "prepare_tree_step", "  prepare_tree_step"),
-                                (cpu, "tree_attention_dense", "  tree attention (all layers)"),
-                                (cpu, "plan_dense", "  tree attention plan")]:
+                                (cpu, "attend", "  tree attention (all layers)"),
+                                (cpu, "plan", "  tree attention plan")]:
         watch.wrap(module, name, label)
 
     def before(llm):
@@ -114,21 +115,31 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="engine pairs, alternating which runs first (this machine's speed drifts between runs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with open(os.path.join(args.drafter, "config.json")) as f:
         depth = json.load(f)["block_size"] - 1
     print_header()
     prompts = humaneval_prompts()[-args.prompts:]
-    rows = {}
-    for label, spec in [(f"dflash D={depth}", {"method": "dflash", "num_speculative_tokens": depth}),
-                        (f"ddtree B={depth}", {"method": "ddtree", "num_speculative_tokens": depth,
-                                               "ddtree_budget": "fixed"})]:
-        rows[label] = profile(smollm2_folder(), args.drafter, spec, prompts, args.max_tokens, args.dtype,
-                              args.concurrency)
+    specs = {f"dflash D={depth}": {"method": "dflash", "num_speculative_tokens": depth},
+             f"ddtree B={depth}": {"method": "ddtree", "num_speculative_tokens": depth, "ddtree_budget": "fixed"}}
+    rounds = {label: [] for label in specs}
+    for round_ in range(args.rounds):
+        for label in list(specs)[:: 1 if round_ % 2 == 0 else -1]:
+            rounds[label].append(profile(smollm2_folder(), args.drafter, specs[label], prompts, args.max_tokens,
+                                         args.dtype, args.concurrency))
+    # Each stage's ms per step over all rounds (every round runs the same steps).
+    rows = {label: ({stage: statistics.mean(r[0].get(stage, 0.0) for r in runs) for stage in runs[0][0]},
+                    runs[-1][1]) for label, runs in rounds.items()}
+    print("\nstep ms by round (chain | ddtree | ratio): " + "; ".join(
+        f"{a[0]['execute_model'] + a[0]['sample_tokens']:.1f} | {b[0]['execute_model'] + b[0]['sample_tokens']:.1f} | "
+        f"{(b[0]['execute_model'] + b[0]['sample_tokens']) / (a[0]['execute_model'] + a[0]['sample_tokens']):.3f}x"
+        for a, b in zip(*rounds.values())))
     (chain, chain_info), (tree, tree_info) = rows.values()
-    print(f"\nms per engine step, {args.prompts} HumanEval prompts at concurrency {args.concurrency}, "
-          f"{args.max_tokens} tokens, {args.dtype}; the same {depth + 1} rows a step")
+    print(f"\nms per engine step (mean of {args.rounds} rounds), {args.prompts} HumanEval prompts at concurrency "
+          f"{args.concurrency}, {args.max_tokens} tokens, {args.dtype}; the same {depth + 1} rows a step")
     print(f"{'stage':<32} {'chain':>8} {'ddtree':>8} {'diff':>8}")
     for label in ["execute_model"] + sorted(k for k in tree if k.startswith("  ") and k not in
                                             ("  verify (sampler)", "  drafter propose", "  bookkeeping")) + \
@@ -139,8 +150,9 @@ def main():
     total_b = tree["execute_model"] + tree["sample_tokens"]
     print(f"{'step (execute + sample)':<32} {total_a:>8.2f} {total_b:>8.2f} {total_b - total_a:>+8.2f} "
           f"({total_b / total_a:.3f}x)")
-    for label, info in rows.items():
-        print(f"{label}: {info[1]}, {info[1]['tokens'] / info[1]['seconds']:.1f} tok/s")
+    for label, runs in rounds.items():
+        info = runs[-1][1]
+        print(f"{label}: {info}, tok/s by round " + ", ".join(f"{r[1]['tokens'] / r[1]['seconds']:.1f}" for r in runs))
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"args": vars(args), "rows": {k: v[0] for k, v in rows.items()}}) + "\n")

@@ -34,9 +34,13 @@ from vllm_ddtree.adapter import cuda_only
 from vllm_ddtree.adapter.options import read_table
 from vllm_ddtree.budget import StepCosts
 from vllm_ddtree.tree import build_tree
+from vllm_ddtree.tree_attention import CPU_KERNEL_ENV
 from vllm_ddtree.verify import TreeSampling, verify_tree
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step-costs")
+# Part of the disk cache's key: raised whenever what the tables time changes, so that tables timed
+# by an earlier release are measured again (2: the verifier and the CPU tree kernel in C_draft).
+COST_MODEL_REVISION = 2
 
 
 def step_costs(runner, state, log) -> StepCosts:
@@ -231,7 +235,8 @@ def _key_fields(runner, state, max_rows: int) -> dict:
             "dtype": str(runner.model_config.dtype), "device": name, "tp": parallel.tensor_parallel_size,
             "pp": parallel.pipeline_parallel_size, "budget": state.options.budget, "depth": state.options.depth,
             "max_rows": max_rows, "max_num_seqs": runner.scheduler_config.max_num_seqs,
-            "vllm": vllm.__version__, "preload": os.environ.get("LD_PRELOAD", "")}
+            "vllm": vllm.__version__, "preload": os.environ.get("LD_PRELOAD", ""),
+            "cpu_kernel": os.environ.get(CPU_KERNEL_ENV, "1"), "revision": COST_MODEL_REVISION}
 
 
 def _cache_key(runner, state, max_rows: int) -> str:
