@@ -266,3 +266,21 @@ def test_split_merge_kernel_matches_torch(head_dim, H, device):
     merge_splits(partial.to(device), lse.to(device), out)
     torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
     assert buffer[:, H * head_dim:].isnan().all()
+
+
+def test_cpu_kernel_without_a_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    # A machine without a working C++ compiler: the build fails, one warning names the fix, and
+    # cpu_kernel() is None (the backend then takes the dense path); VLLM_DDTREE_CPU_KERNEL=0 skips it.
+    import functools
+
+    from vllm_ddtree import tree_attention as ta
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a fresh build, not the cached one
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    # A fresh cache for this test only: the process keeps its built kernel for the tests after it.
+    monkeypatch.setattr(ta, "_built_cpu_kernel", functools.cache(ta._built_cpu_kernel.__wrapped__))
+    with caplog.at_level("WARNING"):
+        assert ta.cpu_kernel() is None
+    assert "could not be built" in caplog.text and "install a C++ compiler" in caplog.text
+    monkeypatch.setenv("VLLM_DDTREE_CPU_KERNEL", "0")
+    assert ta.cpu_kernel() is None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -332,7 +333,12 @@ def _built_cpu_kernel():
     import vllm_ddtree.kernels
 
     source = os.path.join(os.path.dirname(vllm_ddtree.kernels.__file__), "cpu_tree_attention.cpp")
+    path = os.environ.get("PATH", "")
     try:
+        if shutil.which("ninja") is None:  # the builder runs `ninja`: vLLM's own dependency, in its env's bin
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
         # -fopenmp compiles at::parallel_for's OpenMP regions; the runtime is torch's own (already loaded).
         return load(name="vllm_ddtree_cpu_tree_attention", sources=[source],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"])
@@ -341,6 +347,8 @@ def _built_cpu_kernel():
             "ddtree: the C++ tree attention kernel could not be built (%s); tree steps use the slower "
             "dense-mask path on vLLM's CPU backend (install a C++ compiler, e.g. g++, to get it)", error)
         return None
+    finally:
+        os.environ["PATH"] = path
 
 
 def tree_attention_cpu(query: torch.Tensor, kv_cache: torch.Tensor, meta: TreeAttentionMetadata, scale: float,
