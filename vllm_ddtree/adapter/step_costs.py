@@ -3,14 +3,14 @@
 C_step(rows): a target step over that many query rows (vLLM's dummy forward, with attention metadata
 on the GPU backends, plus the LM head over every row: a verify step needs logits for all of them; on
 vLLM's CPU backend the V1 runner's dummy attention crashes the kernel, so there the attention is left
-out).
-C_draft(requests): what a tree step costs beyond its rows: the drafter's pass for that many requests
-(its dummy forward over D + 1 query rows each, its LM head over D rows each, and the tree build), the
-verifier (sampling every node's row at T = 1 and the walk; plain decoding samples one row a
-request, which C_step leaves out as well), and on the CPU backend the tree attention that a tree step
-runs in every target layer instead of vLLM's kernel, with its plan (each backend's
-``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention``, :mod:`vllm_ddtree.adapter.attention`). The KV
-commit (a few copies per layer, only where a path moves) is left out.
+out), plus what each verified row costs beyond the target's forward: the verifier (its row sampled at
+T = 1, and the walk) and, on the CPU backend, the tree attention a tree step runs in every target
+layer instead of vLLM's kernel, with its plan (each backend's ``DUMMY_RUN_ATTENTION`` and
+``extra_tree_attention``, :mod:`vllm_ddtree.adapter.attention`), timed on a few requests' full trees
+and charged per row (so a tree of few nodes is not charged the verification of B).
+C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
+each, its LM head over D rows each, and the tree build). The KV commit (a few copies per layer, only
+where a path moves) is left out.
 Both are timed at engine start on the engine's own device (median of 3 after a warm-up, one when a pass
 takes over 0.25 s, at powers of two up to what one step can hold), fitted monotone convex, logged in
 one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``) under a key of everything they depend
@@ -39,7 +39,7 @@ from vllm_ddtree.verify import TreeSampling, verify_tree
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step-costs")
 # Part of the disk cache's key: raised whenever what the tables time changes, so that tables timed
-# by an earlier release are measured again (2: the verifier and the CPU tree kernel in C_draft).
+# by an earlier release are measured again (2: the verifier and the tree attention, per row, in C_step).
 COST_MODEL_REVISION = 2
 
 
@@ -85,13 +85,14 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
     target_step, drafter_pass = (_v2_passes if hasattr(runner, "speculator") else _v1_passes)(runner, state)
     verify_pass = _verify_pass(runner, state)
 
-    def speculative_pass(requests):
-        drafter_pass(requests)
+    def verified_rows(requests):
         backend.extra_tree_attention(state, requests)
         verify_pass(requests)
 
-    step = {rows: _median_seconds(target_step, rows, runner.device) for rows in _grid(max_rows)}
-    draft = {r: _median_seconds(speculative_pass, r, runner.device) for r in _grid(max_requests)}
+    timed = min(max_requests, VERIFY_TIMED_REQUESTS)
+    per_row = _median_seconds(verified_rows, timed, runner.device) / (timed * (state.options.budget + 1))
+    step = {rows: _median_seconds(target_step, rows, runner.device) + per_row * rows for rows in _grid(max_rows)}
+    draft = {r: _median_seconds(drafter_pass, r, runner.device) for r in _grid(max_requests)}
     return step, draft
 
 
@@ -140,8 +141,8 @@ def _v2_passes(runner, state):
     return target_step, drafter_pass
 
 
-# The verifier is timed on this many requests' trees at most (random logits of every node's row), and
-# its cost taken as proportional beyond: a full batch's logits would take gigabytes at engine start.
+# The per-row costs are timed on this many requests' full trees (random logits of every node's row):
+# a full batch's logits would take gigabytes at engine start.
 VERIFY_TIMED_REQUESTS = 4
 
 
@@ -154,15 +155,13 @@ def _verify_pass(runner, state):
     inputs = {}
 
     def verify_pass(requests):
-        timed = min(requests, VERIFY_TIMED_REQUESTS)
-        if timed not in inputs:
-            tree = build_tree(torch.randn(timed, depth, vocab, dtype=dtype, device=dev), budget, builder=builder)
-            logits = torch.randn(timed * (budget + 1), vocab, dtype=dtype, device=dev)
-            inputs[timed] = tree, logits, TreeSampling.uniform(timed, temperature=1.0, device=dev)
-        tree, logits, sampling = inputs[timed]
-        for _ in range(-(-requests // timed)):
-            verify_tree(tree, logits, sampling, torch.zeros(timed, dtype=torch.int64, device=dev),
-                        row_starts=torch.arange(timed, device=dev) * (budget + 1))
+        if requests not in inputs:
+            tree = build_tree(torch.randn(requests, depth, vocab, dtype=dtype, device=dev), budget, builder=builder)
+            logits = torch.randn(requests * (budget + 1), vocab, dtype=dtype, device=dev)
+            inputs[requests] = tree, logits, TreeSampling.uniform(requests, temperature=1.0, device=dev)
+        tree, logits, sampling = inputs[requests]
+        verify_tree(tree, logits, sampling, torch.zeros(requests, dtype=torch.int64, device=dev),
+                    row_starts=torch.arange(requests, device=dev) * (budget + 1))
 
     return verify_pass
 
