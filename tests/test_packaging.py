@@ -102,7 +102,7 @@ def _imports_between_modules() -> dict[str, set[str]]:
     for folder, package in (("vllm_ddtree", "vllm_ddtree"), ("kernels", "vllm_ddtree.kernels")):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             for name in files:
-                if name.endswith((".py", ".cpp")):
+                if name.endswith(".py"):
                     relative = os.path.relpath(os.path.join(root, name), os.path.join(REPO, folder))[:-3]
                     dotted = relative.replace(os.sep, ".").removesuffix("__init__").rstrip(".")
                     paths[f"{package}.{dotted}".rstrip(".")] = os.path.join(root, name)

@@ -54,7 +54,7 @@ def cache_layout(name: str, layer) -> str:
 
 def uses_kernel(layout: str, head_size: int, block_size: int) -> bool:
     """Whether tree steps take the C++ kernel for layers of this cache (else the dense path); builds
-    the kernel on the first call of the process (about 30 s once per machine, then cached)."""
+    the kernel on the first call of the process (about 45 s once per machine, then cached)."""
     return (layout in CPU_KERNEL_LAYOUTS and head_size in CPU_KERNEL_HEAD_SIZES and block_size % 16 == 0
             and cpu_kernel() is not None)
 
@@ -106,9 +106,10 @@ def commit(kv_caches: list[torch.Tensor], layout: str, plan: CommitPlan) -> None
 
 
 def extra_tree_attention(state, requests: int, context: int = 256) -> None:
-    """What a tree step costs on this backend beyond its rows (step-cost timing): every target layer
-    attends to each tree request's context through the tree path a live step takes (vLLM's own kernel
-    serves other steps). One layer's cost, run once per layer, at a nominal context, with a random tree."""
+    """What a tree step's rows cost on this backend beyond the dummy forward (step-cost timing, charged
+    per row): every target layer attends to each tree request's context through the tree path a live
+    step takes, with its plan (vLLM's own kernel serves other steps). One layer's cost, run once per
+    layer, at a nominal context, with a random tree."""
     layer = next(iter(state.target.layers.values()))
     cache, impl, layout = layer.kv_cache, layer.impl, state.target.kv_layout
     N, page, dev = state.options.budget + 1, cache.shape[2], cache.device
