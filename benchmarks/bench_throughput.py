@@ -7,8 +7,8 @@ generation: at concurrency c the set's first N prompts (N = max(c, ``--min-promp
 of c requests at once, each batch finished before the next, so about c requests are in flight.
 Reported: output tokens per second of the generation alone (engine start and warm-up excluded; the
 median of ``--repeats`` passes), tau (tokens per verify step), and the ratio to no speculation in the
-same run. Greedy decoding, ``--max-tokens`` 256, chat-formatted prompts (HumanEval as "Complete this
-Python function:" + the signature and docstring; MT-Bench first turns).
+same run. Greedy decoding (``--temperature`` samples), ``--max-tokens`` 256, chat-formatted prompts
+(HumanEval as "Complete this Python function:" + the signature and docstring; MT-Bench first turns).
 
 Prefix caching is off in every row: the concurrency levels reuse the set's first prompts, and vLLM
 drops the last matched block of a cached prefix in engines whose drafter reads the target's hidden
@@ -45,11 +45,11 @@ def rows(depth: int, budgets, cost_aware: bool):
     return out
 
 
-def measure(engine, prompts, concurrency, min_prompts, max_tokens, repeats):
+def measure(engine, prompts, concurrency, min_prompts, max_tokens, repeats, temperature=0.0):
     """(tokens per second, tau) over the prompts in batches of ``concurrency``; median of ``repeats``."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     chats = [[{"role": "user", "content": p}] for p in prompts[: max(concurrency, min_prompts)]]
     speeds, taus = [], []
     for _ in range(repeats):
@@ -82,6 +82,8 @@ def main():
     parser.add_argument("--no-cost-aware", action="store_true", help="leave out the cost-aware row")
     parser.add_argument("--only", nargs="*", default=None, help="run only the rows with these labels")
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; above 0 sampled (the engine's seed 0 makes runs repeatable)")
     parser.add_argument("--min-prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
@@ -109,7 +111,8 @@ def main():
             for name in args.sets:
                 for c in args.concurrency:
                     bar.set_postfix_str(f"{label}, {name}, concurrency {c}")
-                    speed, tau = measure(engine, prompts[name], c, args.min_prompts, args.max_tokens, args.repeats)
+                    speed, tau = measure(engine, prompts[name], c, args.min_prompts, args.max_tokens, args.repeats,
+                                         args.temperature)
                     table[(name, c, label)] = (speed, tau)
                     base = table.get((name, c, "no spec"), (None,))[0]
                     ratio = f"{speed / base:.2f}x" if base else "-"
@@ -121,6 +124,7 @@ def main():
                             f.write(json.dumps({"set": name, "concurrency": c, "row": label, "tokens_per_second":
                                                 speed, "tau": tau, "vs_no_spec": speed / base if base else None,
                                                 "max_tokens": args.max_tokens, "dtype": args.dtype,
+                                                "temperature": args.temperature,
                                                 "drafter": os.path.basename(args.drafter)}) + "\n")
     bar.close()
     print("\ntokens/s (ratio to no speculation), tau")
