@@ -1,6 +1,6 @@
 """Tokens per second through the OpenAI server, measured with vLLM's own benchmark client
 (``vllm bench serve``): no speculation, vLLM's "dflash" chain, ddtree with its default settings and
-with a fixed budget, on the real pair, at several concurrencies.
+at fixed budgets (``--fixed-budgets``), on the real pair, at several concurrencies.
 
 Each row starts one server (``python -m vllm.entrypoints.openai.api_server``, the engine in its own
 process as in production, prefix caching off, ``--enforce-eager`` unless ``--compile``), and the client
@@ -62,13 +62,13 @@ def run_client(args: list[str]) -> dict:
     return main(parser.parse_args(args))
 
 
-def rows(depth: int, budget: int):
+def rows(depth: int, budget: int, fixed_budgets):
     """(label, speculative config without the drafter) per row; None = no speculation."""
     return [("no spec", None),
             ("dflash", {"method": "dflash", "num_speculative_tokens": depth}),
             (f"ddtree default B<={budget}", {"method": "ddtree", "num_speculative_tokens": budget}),
-            (f"ddtree B={budget // 2}", {"method": "ddtree", "num_speculative_tokens": budget // 2,
-                                         "ddtree_budget": "fixed"})]
+            *((f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b, "ddtree_budget": "fixed"})
+              for b in fixed_budgets)]
 
 
 def main(argv=None) -> int:
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--budget", type=int, default=32, help="ddtree's default row: at most B nodes")
+    parser.add_argument("--fixed-budgets", type=int, nargs="*", default=[16], help="ddtree rows at a fixed budget")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (no --enforce-eager)")
     parser.add_argument("--only", nargs="+", default=None, help="row labels to run")
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     dataset = write_prompts(prompts, os.path.join(work, "prompts.jsonl"))
     server_args = ["--dtype", args.dtype, "--max-model-len", "2048", "--no-enable-prefix-caching",
                    "--max-num-seqs", str(max(args.concurrency)), *([] if args.compile else ["--enforce-eager"])]
-    selected = [(label, spec) for label, spec in rows(depth, args.budget) if not args.only or label in args.only]
+    selected = [(label, spec) for label, spec in rows(depth, args.budget, args.fixed_budgets) if not args.only or label in args.only]
     table = {}
     with tqdm(total=len(selected) * len(args.concurrency), desc="measurements", unit="row") as bar:
         for label, spec in selected:

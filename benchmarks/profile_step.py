@@ -10,6 +10,10 @@ Stages: ``execute_model`` (the target's forward, with ``_prepare_inputs``, its a
 ddtree, the tree positions and tree attention inside) and ``sample_tokens`` (verification, the KV
 commit, the drafter's pass and, for ddtree, the tree build, then vLLM's bookkeeping).
 
+``--pair skip`` profiles what the cost-aware default costs where no tree pays, against an engine
+without speculation: its steps are plain, and its drafter only keeps its context (and probes, after 8,
+16, 32 and 64 steps). ``--set`` and ``--temperature`` pick the prompts and sampling.
+
 Usage: ``LD_PRELOAD="$(bash scripts/cpu_preload.sh)" python benchmarks/profile_step.py [--prompts 4]``
 """
 
@@ -80,15 +84,15 @@ def instrument(watch: Stopwatch):
     return before
 
 
-def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency):
+def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency, temperature=0.0):
     from vllm import SamplingParams
 
     from vllm_ddtree.tools.engine_runs import open_engine
 
     watch = Stopwatch()
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    with open_engine(target, {"model": drafter, **spec}, dtype=dtype, max_model_len=2048, enforce_eager=True,
+    with open_engine(target, spec and {"model": drafter, **spec}, dtype=dtype, max_model_len=2048, enforce_eager=True,
                      gpu_memory_utilization=0.5, seed=0) as engine:
         engine.generate(chats[:1], SamplingParams(temperature=0, max_tokens=16), chat=True)  # warm-up
         instrument(watch)(engine.llm)
@@ -96,51 +100,67 @@ def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency):
         for start in range(0, len(chats), concurrency):
             result = engine.generate(chats[start:start + concurrency], params, chat=True)
             tokens, seconds, steps = tokens + result.num_output_tokens, seconds + result.seconds, \
-                steps + result.target_steps
+                steps + (result.target_steps or 0)
     per_step = {label: 1e3 * s / watch.calls["execute_model"] for label, s in watch.seconds.items()}
     return per_step, {"tokens": tokens, "seconds": seconds, "verify steps": steps,
                       "engine steps": watch.calls["execute_model"]}
 
 
+# A cost table under which a second row costs far more than any token is worth: no node ever pays.
+NO_NODE_PAYS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.001, "256": 0.001}}
+
+
 def main():
-    from bench_acceptance import humaneval_prompts
+    from bench_acceptance import humaneval_prompts, mtbench_prompts
     from harness import print_header
 
     from vllm_ddtree.tools.demo import DEFAULT_DRAFTER
     from vllm_ddtree.tools.targets import smollm2_folder
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=4, help="HumanEval prompts, from the end of the set")
+    parser.add_argument("--set", choices=["humaneval", "mt-bench"], default="humaneval")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts, from the end of the set")
+    parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
     parser.add_argument("--rounds", type=int, default=2,
                         help="engine pairs, alternating which runs first (this machine's speed drifts between runs)")
+    parser.add_argument("--pair", choices=["chain", "skip"], default="chain",
+                        help="chain: the chain against ddtree at B = D; skip: no speculation against the cost-aware "
+                             "ddtree decoding plainly (a cost table under which no node pays: the drafter keeps its "
+                             "context and probes after 8, 16, 32, 64 steps), what the default costs where trees do not pay")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with open(os.path.join(args.drafter, "config.json")) as f:
         depth = json.load(f)["block_size"] - 1
     print_header()
-    prompts = humaneval_prompts()[-args.prompts:]
-    specs = {f"dflash D={depth}": {"method": "dflash", "num_speculative_tokens": depth},
-             f"ddtree B={depth}": {"method": "ddtree", "num_speculative_tokens": depth, "ddtree_budget": "fixed"}}
+    prompts = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts}[args.set]()[-args.prompts:]
+    if args.pair == "chain":
+        specs = {f"dflash D={depth}": {"method": "dflash", "num_speculative_tokens": depth},
+                 f"ddtree B={depth}": {"method": "ddtree", "num_speculative_tokens": depth, "ddtree_budget": "fixed"}}
+    else:
+        specs = {"no spec": None, "ddtree plain": {"method": "ddtree", "num_speculative_tokens": 32,
+                                                   "ddtree_budget": "cost-aware", "ddtree_step_costs": NO_NODE_PAYS}}
     rounds = {label: [] for label in specs}
     for round_ in range(args.rounds):
         for label in list(specs)[:: 1 if round_ % 2 == 0 else -1]:
             rounds[label].append(profile(smollm2_folder(), args.drafter, specs[label], prompts, args.max_tokens,
-                                         args.dtype, args.concurrency))
+                                         args.dtype, args.concurrency, args.temperature))
     # Each stage's ms per step over all rounds (every round runs the same steps).
     rows = {label: ({stage: statistics.mean(r[0].get(stage, 0.0) for r in runs) for stage in runs[0][0]},
                     runs[-1][1]) for label, runs in rounds.items()}
-    print("\nstep ms by round (chain | ddtree | ratio): " + "; ".join(
+    first, second = specs
+    print(f"\nstep ms by round ({first} | {second} | ratio): " + "; ".join(
         f"{a[0]['execute_model'] + a[0]['sample_tokens']:.1f} | {b[0]['execute_model'] + b[0]['sample_tokens']:.1f} | "
         f"{(b[0]['execute_model'] + b[0]['sample_tokens']) / (a[0]['execute_model'] + a[0]['sample_tokens']):.3f}x"
         for a, b in zip(*rounds.values())))
     (chain, chain_info), (tree, tree_info) = rows.values()
-    print(f"\nms per engine step (mean of {args.rounds} rounds), {args.prompts} HumanEval prompts at concurrency "
-          f"{args.concurrency}, {args.max_tokens} tokens, {args.dtype}; the same {depth + 1} rows a step")
-    print(f"{'stage':<32} {'chain':>8} {'ddtree':>8} {'diff':>8}")
+    print(f"\nms per engine step (mean of {args.rounds} rounds), {args.prompts} {args.set} prompts at concurrency "
+          f"{args.concurrency}, T = {args.temperature}, {args.max_tokens} tokens, {args.dtype}; "
+          + (f"the same {depth + 1} rows a step" if args.pair == "chain" else "one row a request a step"))
+    print(f"{'stage':<32} {first[:8]:>8} {second[:8]:>8} {'diff':>8}")
     for label in ["execute_model"] + sorted(k for k in tree if k.startswith("  ") and k not in
                                             ("  verify (sampler)", "  drafter propose", "  bookkeeping")) + \
             ["sample_tokens", "  verify (sampler)", "  drafter propose", "  bookkeeping"]:
@@ -150,6 +170,9 @@ def main():
     total_b = tree["execute_model"] + tree["sample_tokens"]
     print(f"{'step (execute + sample)':<32} {total_a:>8.2f} {total_b:>8.2f} {total_b - total_a:>+8.2f} "
           f"({total_b / total_a:.3f}x)")
+    if args.pair == "skip":  # this share does not drift with the machine: both sides are the same steps
+        print(f"the drafter's pass in the ddtree engine's steps (context only, and its probes): "
+              f"{100 * tree['  drafter propose'] / total_b:.2f}% of its step")
     for label, runs in rounds.items():
         info = runs[-1][1]
         print(f"{label}: {info}, tok/s by round " + ", ".join(f"{r[1]['tokens'] / r[1]['seconds']:.1f}" for r in runs))
