@@ -14,7 +14,7 @@ env-vllm034:
 # Both environments at once (each mostly waits on downloads), then every test.
 test:
 	bash scripts/setup_env.sh & bash scripts/setup_env_vllm034.sh & wait -n && wait -n
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # vLLM's CPU guide: Intel OpenMP (and tcmalloc, where installed) preloaded, or speculation loses its speed.
 demo: env

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from tiny_engines import DEAR_ROWS, FREE_ROWS, generate, run
 from vllm import SamplingParams
 
@@ -74,6 +75,42 @@ def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
     assert not result.metrics.get("vllm:spec_decode_num_drafts")
     full = [i for i, width in enumerate(passes) if width > 0]
     assert len(passes) >= 39 and full[:4] == [0, 8, 24, 56][: len(full)] and len(full) <= 3
+
+
+def test_context_written_in_batches_drafts_what_step_by_step_writes_do(models, reference, monkeypatch):
+    # Decoding plainly, the CPU drafter gathers its context rows and writes their K/V every 32 steps,
+    # when the batch changes and before a probe. Its probes must see the K/V that writing every step
+    # gives: the same per-depth logits at every full pass, in a batch that requests leave and join
+    # (4 at a time out of 8, of different lengths) while rows wait, and in a steady batch of 75 steps.
+    from vllm_ddtree.adapter import drafter as drafter_module
+    from vllm_ddtree.adapter.attention import cpu
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (120, 45, 120, 120, 80, 30, 10, 60)]
+    build = drafter_module.build_tree
+
+    def probes(steps):
+        monkeypatch.setattr(cpu, "CONTEXT_WRITE_STEPS", steps)
+        seen, writes = [], []
+        monkeypatch.setattr(drafter_module, "build_tree", lambda logits, *a, **k: seen.append(logits.clone()) or
+                            build(logits, *a, **k))
+
+        def count_writes(llm):
+            proposer = model_runner(llm).drafter
+            write = proposer._write_context
+            proposer._write_context = lambda: writes.append(len(proposer._context_rows)) or write()
+
+        result = run(models, params=params, spec={"method": "ddtree", "num_speculative_tokens": 16,
+                                                  "ddtree_budget": "cost-aware", "ddtree_step_costs": DEAR_ROWS},
+                     before=count_writes, max_num_seqs=4)
+        return result, seen, writes
+
+    batched, batched_logits, batched_writes = probes(32)
+    stepwise, stepwise_logits, _ = probes(1)
+    assert batched.tokens == stepwise.tokens
+    assert len(batched_logits) == len(stepwise_logits) >= 4
+    for a, b in zip(batched_logits, stepwise_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert max(batched_writes) == 32 and any(1 < n < 32 for n in batched_writes)  # by count, and by batch
 
 
 @pytest.mark.parametrize("budget", [4, 64])

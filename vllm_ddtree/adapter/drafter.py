@@ -10,8 +10,9 @@ tokens ``[R, B]``, while the trees stay on the device in the runner's
 
 Before drafting, the pass commits its own input rows after a verified tree step
 (:func:`vllm_ddtree.adapter.verifier.commit_drafter_inputs`). When the cost-aware budget finds that no
-tree pays, the pass only writes its context K/V (:meth:`DDTreeProposer._keep_context`) until the
-engine probes again (:class:`~vllm_ddtree.adapter.state.DraftSchedule`).
+tree pays, the pass only keeps its context K/V (:meth:`DDTreeProposer._keep_context`; on a CPU the rows of
+several steps are written in one pass) until the engine probes again
+(:class:`~vllm_ddtree.adapter.state.DraftSchedule`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class DDTreeProposer(DFlashProposer):
         # The pass's logits, from _sample_draft_tokens (which DFlash's propose calls) to propose; None
         # outside a propose call.
         self._pass_logits: torch.Tensor | None = None
+        # Context rows of steps without drafts whose K/V is not written yet (see _keep_context), and
+        # the batch they were gathered in.
+        self._context_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._context_batch: list[str] | None = None
 
     def propose(self, *args, **kwargs):
         call = _PROPOSE.bind(self, *args, **kwargs)
@@ -58,8 +63,9 @@ class DDTreeProposer(DFlashProposer):
             # Trees do not pay at this batch: keep the drafter's context (its K/V of this step's
             # tokens, which later drafts attend to) and draft nothing.
             self._keep_context(inputs["target_hidden_states"], inputs["target_positions"],
-                               inputs["common_attn_metadata"])
+                               inputs["common_attn_metadata"], self.ddtree_runner.input_batch.req_ids[:num_reqs])
             return torch.empty(num_reqs, 0, dtype=torch.int64, device=inputs["next_token_ids"].device)
+        self._write_context()  # before the pass writes (and reads) its own
         inputs["num_speculative_tokens"] = self.depth
         try:
             super().propose(*call.args[1:], **call.kwargs)
@@ -75,15 +81,33 @@ class DDTreeProposer(DFlashProposer):
         # hands the scheduler each row up to its first -1.
         return tree.token_ids
 
-    def _keep_context(self, hidden_states, positions, common_attn_metadata) -> None:
-        """Writes the drafter's K/V of this step's rows, as DFlash's drafting pass begins by doing
-        (same projection, positions and slots), without the pass itself: no query forward, no LM head."""
+    def _keep_context(self, hidden_states, positions, common_attn_metadata, req_ids) -> None:
+        """Keeps this step's rows for the drafter's context K/V, as DFlash's drafting pass begins by
+        writing it (same projection, positions and slots), without the pass itself: no query forward,
+        no LM head. The rows of up to the backend's ``CONTEXT_WRITE_STEPS`` steps of one batch are
+        written together (:meth:`_write_context`), which reads the drafter's projections once."""
         cad = common_attn_metadata
         rows = torch.arange(positions.shape[0], device=positions.device)
         request = torch.bucketize(rows, cad.query_start_loc[1:].to(torch.int64), right=True)
         blocks = cad.block_table_tensor[request, positions // self.block_size].to(torch.int64)
         slots = blocks * self.block_size + positions % self.block_size
-        self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden_states), positions, slots)
+        # The batch changed (a request finished, was preempted or joined): the gathered rows go now,
+        # before any row of this step, since a slot of a request that left may belong to a request of
+        # this step, whose own write must come after.
+        if self._context_batch is not None and list(req_ids) != self._context_batch:
+            self._write_context()
+        self._context_rows.append((hidden_states.clone(), positions.clone(), slots))
+        self._context_batch = list(req_ids)
+        if len(self._context_rows) >= self.ddtree_state.target.backend.CONTEXT_WRITE_STEPS:
+            self._write_context()
+
+    def _write_context(self) -> None:
+        """Writes the drafter's context K/V of the rows :meth:`_keep_context` gathered, in one pass."""
+        if not self._context_rows:
+            return
+        hidden, positions, slots = (torch.cat(parts) for parts in zip(*self._context_rows))
+        self._context_rows, self._context_batch = [], None
+        self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden), positions, slots)
 
     def _sample_draft_tokens(self, hidden_states: torch.Tensor, sampling_metadata, *args, **kwargs):
         # DDTree needs the whole per-depth distribution, not a sample of it; DFlash's own token ids

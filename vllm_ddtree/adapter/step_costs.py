@@ -11,7 +11,8 @@ and charged per row (so a tree of few nodes is not charged the verification of B
 C_draft(requests): the drafter's pass for that many requests (its dummy forward over D + 1 query rows
 each, its LM head over D rows each, and the tree build). The KV commit (a few copies per layer, only
 where a path moves) is left out.
-Both are timed at engine start on the engine's own device (median of 3 after a warm-up, one when a pass
+Both are timed at engine start on the engine's own device (the fastest of 3 after a warm-up, since
+whatever else runs on the machine only adds time to a pass; one when a pass
 takes over 0.25 s, at powers of two up to what one step can hold), fitted monotone convex, logged in
 one line, and kept on disk (``~/.cache/vllm-ddtree/step-costs``) under a key of everything they depend
 on (models, dtype, device, parallel sizes, budget, scheduler limits, vLLM version) so that a restart
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -39,8 +39,9 @@ from vllm_ddtree.verify import TreeSampling, verify_tree
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm-ddtree", "step-costs")
 # Part of the disk cache's key: raised whenever what the tables time changes, so that tables timed
-# by an earlier release are measured again (2: the verifier and the tree attention, per row, in C_step).
-COST_MODEL_REVISION = 2
+# by an earlier release are measured again (2: the verifier and the tree attention, per row, in C_step;
+# 3: the fastest of the timed passes, not their median).
+COST_MODEL_REVISION = 3
 
 
 def step_costs(runner, state, log) -> StepCosts:
@@ -90,9 +91,9 @@ def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, 
         verify_pass(requests)
 
     timed = min(max_requests, VERIFY_TIMED_REQUESTS)
-    per_row = _median_seconds(verified_rows, timed, runner.device) / (timed * (state.options.budget + 1))
-    step = {rows: _median_seconds(target_step, rows, runner.device) + per_row * rows for rows in _grid(max_rows)}
-    draft = {r: _median_seconds(drafter_pass, r, runner.device) for r in _grid(max_requests)}
+    per_row = _fastest_seconds(verified_rows, timed, runner.device) / (timed * (state.options.budget + 1))
+    step = {rows: _fastest_seconds(target_step, rows, runner.device) + per_row * rows for rows in _grid(max_rows)}
+    draft = {r: _fastest_seconds(drafter_pass, r, runner.device) for r in _grid(max_requests)}
     return step, draft
 
 
@@ -177,7 +178,7 @@ def _grid(limit: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _median_seconds(fn, size: int, device) -> float:
+def _fastest_seconds(fn, size: int, device) -> float:
     def sync():
         cuda_only.synchronize(device)
 
@@ -194,7 +195,7 @@ def _median_seconds(fn, size: int, device) -> float:
         fn(size)
         sync()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def _tp_rank() -> int:

@@ -14,6 +14,8 @@ that an emulated GPU engine runs the GPU path: tests/emulated_gpu.py):
 
 * ``commit(kv_caches, layout, plan)``: round step 5's KV commit;
 * ``TREE_BUILDER``: the tree builder (:func:`vllm_ddtree.tree.build_tree`'s ``builder``);
+* ``CONTEXT_WRITE_STEPS``: how many steps without drafts the V1 drafter may gather its context rows
+  before it writes their K/V in one pass (1: every step, as DFlash does);
 * ``DUMMY_RUN_ATTENTION`` and ``extra_tree_attention(state, requests)``: how step costs are timed
   (:mod:`vllm_ddtree.adapter.step_costs`).
 

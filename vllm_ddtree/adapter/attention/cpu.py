@@ -32,6 +32,12 @@ LAYOUT_OF_ISA = {"vec": "cpu", "vec16": "cpu", "amx": "cpu_amx"}
 # torch beams at every batch measured, 45x at R = 1 and 1.3x at R = B = 64 (benchmarks/RESULTS.md).
 TREE_BUILDER = "heap"
 
+# Steps without drafts (a cost-aware engine decoding plainly) keep the drafter's context K/V: on a CPU
+# one pass over the rows of 32 steps reads the drafter's projections (fc over the target's layers,
+# K/V) once where 32 one-row passes read them 32 times: 1.4 ms a step, 2% of a plain step, on the
+# real pair in float32 (benchmarks/RESULTS.md).
+CONTEXT_WRITE_STEPS = 32
+
 # vLLM's dummy attention metadata crashes vLLM 0.32's CPU attention kernel: step costs time dummy runs
 # without attention and add the tree attention a step runs (extra_tree_attention).
 DUMMY_RUN_ATTENTION = False

@@ -34,6 +34,10 @@ BACKENDS = ("flash_attn.FlashAttentionImpl", "triton_attn.TritonAttentionImpl")
 # The tree build's one-launch Triton selection (vllm_ddtree.tree.build_tree(builder="kernel")).
 TREE_BUILDER = "kernel"
 
+# The drafter's context K/V of a step without drafts is written in that step: one small launch
+# sequence on a GPU, where gathering rows would only add copies.
+CONTEXT_WRITE_STEPS = 1
+
 # vLLM's dummy runs (step-cost timing) run these backends' attention on dummy metadata, as vLLM's own
 # warm-up and graph capture do; a tree step's attention costs about what their causal rows cost.
 DUMMY_RUN_ATTENTION = True
