@@ -36,12 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def rows(depth: int, budgets, cost_aware: bool):
     """(label, speculative config without the drafter) per row; None = no speculation."""
-    out = [("no spec", None), ("dflash", {"method": "dflash", "num_speculative_tokens": depth})]
-    out += [(f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b, "ddtree_budget": "fixed"})
-            for b in budgets]
-    if cost_aware:
+    out = [("no spec", None)]
+    if cost_aware:  # next to no speculation: the rows run one after another, and this machine's speed drifts
         out.append((f"ddtree cost B<={max(budgets)}", {"method": "ddtree", "num_speculative_tokens": max(budgets),
                                                        "ddtree_budget": "cost-aware"}))
+    out.append(("dflash", {"method": "dflash", "num_speculative_tokens": depth}))
+    out += [(f"ddtree B={b}", {"method": "ddtree", "num_speculative_tokens": b, "ddtree_budget": "fixed"})
+            for b in budgets]
     return out
 
 
