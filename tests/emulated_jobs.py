@@ -28,7 +28,7 @@ MAX_MODEL_LEN = 512  # tests/tiny_engines.py's ENGINE
 # which no node pays (plain decoding, the drafter keeping its context only).
 CUT_COSTS = {"step": {"1": 0.010, "4": 0.0101, "8": 0.0104, "64": 0.05, "4096": 5.0},
              "draft": {"1": 0.001, "256": 0.002}}
-DEAR_COSTS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.001, "256": 0.001}}
+DEAR_COSTS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.0005, "256": 0.0005}}
 
 
 def ddtree(budget: int, policy: str = "fixed", custom_method: bool = False, **options) -> dict:

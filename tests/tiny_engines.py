@@ -51,7 +51,8 @@ def generate(models, prompts=PROMPTS, params=GREEDY, spec=None, **engine):
 FREE_ROWS = {"step": {"1": 0.01, "4096": 0.01}, "draft": {"1": 0.0, "256": 0.0}}  # every node pays
 
 
-DEAR_ROWS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.001, "256": 0.001}}  # none pays
+# No node pays; a drafter pass costs a twentieth of a step, so probes may come every 8 steps (1% of plain decoding).
+DEAR_ROWS = {"step": {"1": 0.01, "2": 10.0, "4096": 1e5}, "draft": {"1": 0.0005, "256": 0.0005}}
 
 
 def feature_params(models, reference):
