@@ -60,12 +60,15 @@ def plot_throughput(rows: list[dict], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], sets):
+    # A panel per prompt set, and per temperature where the file has several.
+    panels = list(dict.fromkeys((r["set"], r.get("temperature")) for r in rows))
+    several = len({temperature for _, temperature in panels}) > 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        name = f"{panel[0]}, T = {panel[1]:g}" if several else panel[0]
         lines = defaultdict(list)
         for r in rows:
-            if r["set"] == name:
+            if (r["set"], r.get("temperature")) == panel:
                 lines[r["row"]].append((r["concurrency"], r["tokens_per_second"]))
         budgets = sorted({budget_of(label) for label in lines if budget_of(label)})
         for label, points in lines.items():
