@@ -6,7 +6,8 @@ vLLM's CPU build here) that serves every concurrency level and prompt set in tur
 generation: at concurrency c the set's first N prompts (N = max(c, ``--min-prompts``)) go in batches
 of c requests at once, each batch finished before the next, so about c requests are in flight.
 Reported: output tokens per second of the generation alone (engine start and warm-up excluded; the
-median of ``--repeats`` passes), tau (tokens per verify step), and the ratio to no speculation in the
+median of ``--repeats`` passes, and of ``--rounds`` engines per row, every row in turn, odd rounds
+in reverse), tau (tokens per verify step), and the ratio to no speculation in the
 same run. Greedy decoding (``--temperature`` samples), ``--max-tokens`` 256, chat-formatted prompts
 (HumanEval as "Complete this Python function:" + the signature and docstring; MT-Bench first turns).
 
@@ -87,6 +88,9 @@ def main():
                         help="0: greedy; above 0 sampled (the engine's seed 0 makes runs repeatable)")
     parser.add_argument("--min-prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="engines per row, every row in turn, odd rounds in reverse order; each cell is the "
+                             "median of its rounds (this machine's speed drifts between runs)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
     parser.add_argument("--json", default=None, help="append each measurement to this JSON-lines file")
@@ -97,38 +101,43 @@ def main():
     print(f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}")
     sets = {"humaneval": humaneval_prompts, "mt-bench": mtbench_prompts}
     prompts = {name: sets[name]() for name in args.sets}
-    table = {}
+    samples = {}  # (set, concurrency, row) -> [(tokens/s, tau)] over the rounds
     selected = [(label, spec) for label, spec in rows(depth, args.budgets, not args.no_cost_aware)
                 if not args.only or label in args.only]
-    bar = tqdm(total=len(selected) * len(args.sets) * len(args.concurrency), desc="measurements", unit="row",
-               dynamic_ncols=True)
-    for label, spec in selected:
-        bar.set_postfix_str(f"starting {label}")
-        with open_engine(smollm2_folder(), spec and {"model": args.drafter, **spec}, dtype=args.dtype,
-                         max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5, seed=0,
-                         max_num_seqs=max(args.concurrency), enable_prefix_caching=False) as engine:
-            engine.generate([[{"role": "user", "content": "Say hello."}]], SamplingParams(temperature=0, max_tokens=32),
-                            chat=True)
-            for name in args.sets:
-                for c in args.concurrency:
-                    bar.set_postfix_str(f"{label}, {name}, concurrency {c}")
-                    speed, tau = measure(engine, prompts[name], c, args.min_prompts, args.max_tokens, args.repeats,
-                                         args.temperature)
-                    table[(name, c, label)] = (speed, tau)
-                    base = table.get((name, c, "no spec"), (None,))[0]
-                    ratio = f"{speed / base:.2f}x" if base else "-"
-                    bar.write(f"{name:>9} c={c:<3} {label:>18} {speed:>8.1f} tok/s  tau {tau:5.2f}  {ratio:>6} "
-                              "of no spec")
-                    bar.update()
-                    if args.json:
-                        with open(args.json, "a") as f:
-                            f.write(json.dumps({"set": name, "concurrency": c, "row": label, "tokens_per_second":
-                                                speed, "tau": tau, "vs_no_spec": speed / base if base else None,
-                                                "max_tokens": args.max_tokens, "dtype": args.dtype,
-                                                "temperature": args.temperature,
-                                                "drafter": os.path.basename(args.drafter)}) + "\n")
+    bar = tqdm(total=args.rounds * len(selected) * len(args.sets) * len(args.concurrency), desc="measurements",
+               unit="row", dynamic_ncols=True)
+    for round_ in range(args.rounds):
+        # Odd rounds run the rows in reverse: a drift of the machine's speed then lands on every row alike.
+        for label, spec in selected[:: -1 if round_ % 2 else 1]:
+            bar.set_postfix_str(f"starting {label}")
+            with open_engine(smollm2_folder(), spec and {"model": args.drafter, **spec}, dtype=args.dtype,
+                             max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5, seed=0,
+                             max_num_seqs=max(args.concurrency), enable_prefix_caching=False) as engine:
+                engine.generate([[{"role": "user", "content": "Say hello."}]],
+                                SamplingParams(temperature=0, max_tokens=32), chat=True)
+                for name in args.sets:
+                    for c in args.concurrency:
+                        bar.set_postfix_str(f"{label}, {name}, concurrency {c}")
+                        speed, tau = measure(engine, prompts[name], c, args.min_prompts, args.max_tokens,
+                                             args.repeats, args.temperature)
+                        samples.setdefault((name, c, label), []).append((speed, tau))
+                        bar.write(f"round {round_ + 1}: {name:>9} c={c:<3} {label:>18} {speed:>8.1f} tok/s  "
+                                  f"tau {tau:5.2f}")
+                        bar.update()
+    table = {key: (statistics.median(s for s, _ in runs), statistics.median(t for _, t in runs))
+             for key, runs in samples.items()}
+    if args.json:
+        with open(args.json, "a") as f:
+            for (name, c, label), (speed, tau) in table.items():
+                base = table.get((name, c, "no spec"), (None,))[0]
+                f.write(json.dumps({"set": name, "concurrency": c, "row": label, "tokens_per_second": speed,
+                                    "tau": tau, "vs_no_spec": speed / base if base else None,
+                                    "rounds": [s for s, _ in samples[(name, c, label)]],
+                                    "max_tokens": args.max_tokens, "dtype": args.dtype,
+                                    "temperature": args.temperature,
+                                    "drafter": os.path.basename(args.drafter)}) + "\n")
     bar.close()
-    print("\ntokens/s (ratio to no speculation), tau")
+    print(f"\ntokens/s (ratio to no speculation), tau; median of {args.rounds} round(s)")
     labels = list(dict.fromkeys(label for _, _, label in table))
     for name in args.sets:
         for c in args.concurrency:
