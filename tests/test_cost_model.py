@@ -19,7 +19,7 @@ def timed_run(models, spec):
         found["costs"] = cost_model_now(llm) if spec else None
         found["steps"] = record_decode_steps(llm)
 
-    run(models, spec=spec, before=before, warmup=PROMPTS[:2])
+    run(models, spec=spec, before=before, warmup=PROMPTS[:2], max_num_seqs=len(PROMPTS))  # a small cost grid
     full = [s for s in found["steps"] if s.requests == len(PROMPTS)]  # steps with the whole batch
     assert len(full) >= 10, found["steps"]
     return found["costs"], full
