@@ -46,9 +46,7 @@ COST_MODEL_REVISION = 3
 
 def step_costs(runner, state, log) -> StepCosts:
     """The engine's :class:`StepCosts` on its device: the user's table, the disk cache, or measured."""
-    scheduler = runner.scheduler_config
-    max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.options.budget + 1))
-    max_requests = scheduler.max_num_seqs
+    max_rows, max_requests = table_sizes(runner, state)
     user = state.options.step_costs
     key = _cache_key(runner, state, max_rows)
     path = os.path.join(CACHE_DIR, key + ".json")
@@ -78,6 +76,13 @@ def step_costs(runner, state, log) -> StepCosts:
              "drafter %.2f ms at 1 request, %.2f ms at %d", source, 1e3 * s[1], 1e3 * s[-1], max_rows,
              1e3 * d[1], 1e3 * d[-1], max_requests)
     return costs
+
+
+def table_sizes(runner, state) -> tuple[int, int]:
+    """The most rows one step can hold and the most requests: the cost tables' sizes."""
+    scheduler = runner.scheduler_config
+    return (min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.options.budget + 1)),
+            scheduler.max_num_seqs)
 
 
 def measure(runner, state, max_rows: int, max_requests: int) -> tuple[dict[int, float], dict[int, float]]:

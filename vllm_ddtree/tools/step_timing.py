@@ -51,11 +51,8 @@ def cost_model_now(llm):
     from vllm_ddtree.budget import StepCosts
 
     runner = model_runner(llm)
-    state = runner.ddtree_state
-    scheduler = runner.scheduler_config
-    max_rows = min(scheduler.max_num_batched_tokens, scheduler.max_num_seqs * (state.options.budget + 1))
-    samples = step_costs.measure(runner, state, max_rows, scheduler.max_num_seqs)
-    return StepCosts.from_samples(*samples, max_rows, scheduler.max_num_seqs)
+    sizes = step_costs.table_sizes(runner, runner.ddtree_state)
+    return StepCosts.from_samples(*step_costs.measure(runner, runner.ddtree_state, *sizes), *sizes)
 
 
 def predicted_seconds(costs, step: TimedStep, drafted: bool) -> float:
