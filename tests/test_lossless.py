@@ -55,12 +55,15 @@ def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
     # A table where a second row costs far more than a token is worth keeps no node: every step emits
     # one token per request (no draft is ever verified), the output is the target's, and the drafter
     # drafts only to probe, after 8 steps, then 16, 32, 64 (the others keep its context, no drafting).
+    # No step builds vLLM's speculative metadata or enters its rejection path: a step without drafts
+    # is laid out as an engine without speculation lays it out.
 
-    passes = []
+    passes, speculative_layouts = [], []
 
     def count_drafter_passes(llm):
-        drafter = model_runner(llm).drafter
-        propose = drafter.propose
+        runner = model_runner(llm)
+        drafter = runner.drafter
+        propose, calc = drafter.propose, runner._calc_spec_decode_metadata
 
         def counted(*args, **kwargs):
             drafts = propose(*args, **kwargs)
@@ -68,6 +71,7 @@ def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
             return drafts
 
         drafter.propose = counted
+        runner._calc_spec_decode_metadata = lambda *a, **k: speculative_layouts.append(1) or calc(*a, **k)
 
     result = run(models, spec={"method": "ddtree", "num_speculative_tokens": 16, "ddtree_budget": "cost-aware",
                                "ddtree_step_costs": DEAR_ROWS}, before=count_drafter_passes)
@@ -75,6 +79,7 @@ def test_cost_aware_budget_with_dear_rows_decodes_plainly(models, reference):
     assert not result.metrics.get("vllm:spec_decode_num_drafts")
     full = [i for i, width in enumerate(passes) if width > 0]
     assert len(passes) >= 39 and full[:4] == [0, 8, 24, 56][: len(full)] and len(full) <= 3
+    assert speculative_layouts == []
 
 
 def test_context_written_in_batches_drafts_what_step_by_step_writes_do(models, reference, monkeypatch):

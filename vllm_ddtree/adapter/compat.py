@@ -100,6 +100,8 @@ V1_RUNNER: Table = {  # v1_runner.py, drafter.py, structured_outputs.py, step_co
         "mm_embed_inputs", "num_rejected_tokens_gpu", "slot_mappings"),
     "vllm.v1.spec_decode.dflash.DFlashProposer._sample_draft_tokens": (
         "self", "hidden_states", "sampling_metadata"),
+    "vllm.v1.spec_decode.dflash.DFlashProposer.prepare_next_token_ids_padded": (
+        "self", "sampled_token_ids", "requests", "gpu_input_batch", "discard_request_mask"),
 }
 
 _SCHEDULER: Table = {  # structured_outputs.py: the scheduler's side of structured outputs, every release

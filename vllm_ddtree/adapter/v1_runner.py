@@ -17,7 +17,8 @@ engine start
 each step
 * ``_prepare_inputs`` (3, layout): after vLLM laid the step out, the tree rows' RoPE positions and the
   step's tree metadata (:func:`~vllm_ddtree.adapter.step_layout.prepare_tree_step`), and the attention
-  backend's plan for every layer;
+  backend's plan for every layer; a step without drafts is laid out as without speculation
+  (:func:`laid_out_without_drafts`);
 * ``_build_attention_metadata`` (3, attention): that metadata rides on the target layers' attention
   metadata, where the attention hooks (:mod:`~vllm_ddtree.adapter.attention`) read it through vLLM's
   forward context; a step without trees carries none;
@@ -82,8 +83,11 @@ def _patch_instance(runner, state: DDTreeState) -> None:
 
     def _prepare_inputs(original):
         def hooked(*args, **kwargs):
-            out = original(*args, **kwargs)
             scheduler_output = kwargs["scheduler_output"] if "scheduler_output" in kwargs else args[0]
+            if scheduler_output.scheduled_spec_decode_tokens:
+                out = original(*args, **kwargs)
+            else:
+                out = laid_out_without_drafts(runner, original, args, kwargs)
             state.structured_outputs = scheduler_output.has_structured_output_requests
             num_reqs = runner.input_batch.num_reqs
             prepare_tree_step(state, scheduled_drafts(out[1], runner.device), runner.input_batch.req_ids,
@@ -127,6 +131,25 @@ def _patch_instance(runner, state: DDTreeState) -> None:
     for hook in (initialize_kv_cache, _dummy_sampler_run, _prepare_inputs, _build_attention_metadata,
                  _get_draft_token_ids_cpu, take_draft_token_ids):
         patching.wrap(runner, hook.__name__, hook)
+
+
+def laid_out_without_drafts(runner, prepare_inputs, args, kwargs):
+    """``_prepare_inputs`` for a step in which no request has drafts (prefills; a cost-aware engine
+    decoding plainly), laid out as an engine without speculation lays it out.
+
+    vLLM 0.32/0.33 give every step of a speculative engine zero-draft speculative metadata, which the
+    rest of the step then carries (the rejection path's inputs, the drafter's padded-input
+    preparation): ~0.4 ms a step on a CPU, a share of what plain decoding would cost over an engine
+    without speculation. ``_prepare_inputs`` reads ``speculative_config`` only to choose that layout
+    (``use_spec_decode``, the same code in both releases), so it sees None for this call; the step's
+    attention metadata, sampling and drafter pass still run as a speculative engine's (the drafter
+    takes vLLM's own no-metadata path, its context rows unchanged). Hybrid targets, whose recurrent
+    attention needs the zero-draft rows, are refused (``support``)."""
+    speculative_config, runner.speculative_config = runner.speculative_config, None
+    try:
+        return prepare_inputs(*args, **kwargs)
+    finally:
+        runner.speculative_config = speculative_config
 
 
 def scheduled_drafts(spec_decode_metadata, device) -> torch.Tensor | None:
