@@ -10,9 +10,16 @@ Stages: ``execute_model`` (the target's forward, with ``_prepare_inputs``, its a
 ddtree, the tree positions and tree attention inside) and ``sample_tokens`` (verification, the KV
 commit, the drafter's pass and, for ddtree, the tree build, then vLLM's bookkeeping).
 
+``engine step`` is the whole step as the engine core runs it (scheduling, the drafts handed to the
+scheduler, output), ``less the target forward`` its host work: two engines of one process compare
+there, where their model forwards drift apart by more than the differences sought.
+
 ``--pair skip`` profiles what the cost-aware default costs where no tree pays, against an engine
 without speculation: its steps are plain, and its drafter only keeps its context (and probes, after 8,
-16, 32 and 64 steps); with ``--measured-costs`` the default runs on the costs it times itself. ``--set`` and ``--temperature`` pick the prompts and sampling.
+16, 32, 64 and 128 steps); with ``--measured-costs`` the default runs on the costs it times itself.
+Its last line is the default's host work over no speculation's, as a share of the plain step (use
+``--max-tokens 1024 --ignore-eos`` for a server's steady state). ``--set`` and ``--temperature``
+pick the prompts and sampling.
 
 Usage: ``LD_PRELOAD="$(bash scripts/cpu_preload.sh)" python benchmarks/profile_step.py [--prompts 4]``
 """
@@ -69,28 +76,42 @@ def instrument(watch: Stopwatch):
                                 (cpu, "commit_accepted_tokens", "  KV commit (all layers)"),
                                 (v1_runner, "prepare_tree_step", "  prepare_tree_step"),
                                 (cpu, "attend", "  tree attention (all layers)"),
-                                (cpu, "plan", "  tree attention plan")]:
+                                (cpu, "plan", "  tree attention plan"),
+                                (drafter.DDTreeProposer, "_keep_context", "    context kept"),
+                                (drafter.DDTreeProposer, "_write_context", "    context written")]:
         watch.wrap(module, name, label)
 
     def before(llm):
         runner = model_runner(llm)
+        # The whole engine step (schedule, execute, sample, output, and handing drafts to the
+        # scheduler), and the target model's forward inside it: what is left is host work, which two
+        # engines of one process can compare where their forwards drift apart.
+        watch.wrap(llm.llm_engine.engine_core, "get_output", "engine step")
+        watch.wrap(runner.model, "forward", "  target forward")
         watch.wrap(runner, "execute_model")
+        watch.wrap(runner, "_prepare_inputs", "  layout (_prepare_inputs)")
+        watch.wrap(runner, "_build_attention_metadata", "  attention metadata")
         watch.wrap(runner, "sample_tokens")
         watch.wrap(runner, "_bookkeeping_sync", "  bookkeeping")
         if hasattr(runner, "drafter"):  # a speculative engine
             watch.wrap(runner.rejection_sampler, "forward", "  verify (sampler)")
             watch.wrap(runner.drafter, "propose", "  drafter propose")
+            # vLLM's own speculative work around the drafter (none of it in an engine without speculation)
+            for owner, name in [(runner, "_calc_spec_decode_metadata"), (runner.drafter, "prepare_next_token_ids_padded"),
+                                (runner.drafter, "prepare_inputs_padded"), (runner, "take_draft_token_ids"),
+                                (llm.llm_engine.engine_core.engine_core.scheduler, "update_draft_token_ids")]:
+                watch.wrap(owner, name, f"vLLM spec: {name}")
 
     return before
 
 
-def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency, temperature=0.0):
+def profile(target, drafter, spec, prompts, max_tokens, dtype, concurrency, temperature=0.0, ignore_eos=False):
     from vllm import SamplingParams
 
     from vllm_ddtree.tools.engine_runs import open_engine
 
     watch = Stopwatch()
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=ignore_eos)
     chats = [[{"role": "user", "content": p}] for p in prompts]
     with open_engine(target, spec and {"model": drafter, **spec}, dtype=dtype, max_model_len=2048, enforce_eager=True,
                      gpu_memory_utilization=0.5, seed=0) as engine:
@@ -123,6 +144,8 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every request runs its max tokens (long runs: a server's steady state)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
     parser.add_argument("--rounds", type=int, default=2,
@@ -130,8 +153,8 @@ def main():
     parser.add_argument("--pair", choices=["chain", "skip"], default="chain",
                         help="chain: the chain against ddtree at B = D; skip: no speculation against ddtree's default "
                              "(B <= 32) under a cost table where no node pays: it decodes plainly, its drafter keeps "
-                             "its context and probes after 8, 16, 32, 64 steps (what the default costs where trees "
-                             "do not pay)")
+                             "its context and probes after 8, 16, 32, 64, 128 steps (what the default costs where "
+                             "trees do not pay)")
     parser.add_argument("--measured-costs", action="store_true",
                         help="with --pair skip: the default's own cost model, timed here, instead (it verifies "
                              "trees where that model says they pay, and probes as often as its drafter's cost allows)")
@@ -152,7 +175,7 @@ def main():
     for round_ in range(args.rounds):
         for label in list(specs)[:: 1 if round_ % 2 == 0 else -1]:
             rounds[label].append(profile(smollm2_folder(), args.drafter, specs[label], prompts, args.max_tokens,
-                                         args.dtype, args.concurrency, args.temperature))
+                                         args.dtype, args.concurrency, args.temperature, args.ignore_eos))
     # Each stage's ms per step over all rounds (every round runs the same steps).
     rows = {label: ({stage: statistics.mean(r[0].get(stage, 0.0) for r in runs) for stage in runs[0][0]},
                     runs[-1][1]) for label, runs in rounds.items()}
@@ -166,18 +189,29 @@ def main():
           f"{args.concurrency}, T = {args.temperature}, {args.max_tokens} tokens, {args.dtype}; "
           + (f"the same {depth + 1} rows a step" if args.pair == "chain" else "one row a request a step"))
     print(f"{'stage':<32} {first[:8]:>8} {second[:8]:>8} {'diff':>8}")
-    for label in ["execute_model"] + sorted(k for k in tree if k.startswith("  ") and k not in
-                                            ("  verify (sampler)", "  drafter propose", "  bookkeeping")) + \
-            ["sample_tokens", "  verify (sampler)", "  drafter propose", "  bookkeeping"]:
+    for label in ["execute_model", "  target forward"] + sorted(k for k in tree if k.startswith("  ") and k not in
+                                            ("  verify (sampler)", "  drafter propose", "  bookkeeping",
+                                             "  target forward", "    context kept", "    context written")) + \
+            ["sample_tokens", "  verify (sampler)", "  drafter propose", "    context kept", "    context written",
+             "  bookkeeping"]:
         a, b = chain.get(label, 0.0), tree.get(label, 0.0)
         print(f"{label:<32} {a:>8.2f} {b:>8.2f} {b - a:>+8.2f}")
     total_a = chain["execute_model"] + chain["sample_tokens"]
     total_b = tree["execute_model"] + tree["sample_tokens"]
     print(f"{'step (execute + sample)':<32} {total_a:>8.2f} {total_b:>8.2f} {total_b - total_a:>+8.2f} "
           f"({total_b / total_a:.3f}x)")
-    if args.pair == "skip":  # this share does not drift with the machine: both sides are the same steps
+    vllm_spec = [k for k in tree if k.startswith("vLLM spec: ")]
+    for label in vllm_spec:
+        print(f"{label:<48} {chain.get(label, 0.0):>8.3f} {tree[label]:>8.3f}")
+    host_a, host_b = (row["engine step"] - row["  target forward"] for row in (chain, tree))
+    print(f"{'engine step':<32} {chain['engine step']:>8.2f} {tree['engine step']:>8.2f} "
+          f"{tree['engine step'] - chain['engine step']:>+8.2f}")
+    print(f"{'  less the target forward':<32} {host_a:>8.2f} {host_b:>8.2f} {host_b - host_a:>+8.2f}")
+    if args.pair == "skip":  # these shares do not drift with the machine: both sides run the same forwards
         print(f"the drafter's pass in the ddtree engine's steps (context only, and its probes): "
               f"{100 * tree['  drafter propose'] / total_b:.2f}% of its step")
+        print(f"the default's host work over no speculation's: {host_b - host_a:+.2f} ms a step, "
+              f"{100 * (host_b - host_a) / chain['engine step']:+.2f}% of no speculation's engine step")
     for label, runs in rounds.items():
         info = runs[-1][1]
         print(f"{label}: {info}, tok/s by round " + ", ".join(f"{r[1]['tokens'] / r[1]['seconds']:.1f}" for r in runs))
