@@ -264,8 +264,10 @@ class LoadReport:
 
 
 def load_test(model: str, drafter: str, prompts: list[str], requests: int, clients: int, budget: int, depth: int,
-              max_tokens: int, server_args=(), env=None, policy: str = "cost-aware") -> LoadReport:
-    """The whole test: ddtree server under load, then the no-speculation server for the greedy replay."""
+              max_tokens: int, server_args=(), env=None, policy: str = "cost-aware",
+              plain_url: str | None = None) -> LoadReport:
+    """The whole test: ddtree server under load, then the no-speculation server for the greedy replay
+    (``plain_url``: one already running with the same arguments; else one started here)."""
     from vllm_ddtree.tools.engine_runs import openai_server
 
     planned = plan(prompts, requests, max_tokens)
@@ -281,8 +283,11 @@ def load_test(model: str, drafter: str, prompts: list[str], requests: int, clien
     greedy = [r for r in results if r.outcome == "answered" and r.request.greedy]
     replay = [Request(r.request.index, r.request.kind, r.request.prompt, r.request.max_tokens, True,
                       stop=r.request.stop) for r in greedy]
-    with openai_server(model, None, server_args, env) as plain:
-        expected, _ = asyncio.run(run_load(plain.url, model, replay, clients))
+    if plain_url is None:
+        with openai_server(model, None, server_args, env) as plain:
+            expected, _ = asyncio.run(run_load(plain.url, model, replay, clients))
+    else:
+        expected, _ = asyncio.run(run_load(plain_url, model, replay, clients))
     for got, want in zip(greedy, expected):
         if want.outcome != "answered":
             report.problems.append(f"replay of request {got.request.index} on the plain server: {want.outcome}")

