@@ -189,11 +189,10 @@ def main():
           f"{args.concurrency}, T = {args.temperature}, {args.max_tokens} tokens, {args.dtype}; "
           + (f"the same {depth + 1} rows a step" if args.pair == "chain" else "one row a request a step"))
     print(f"{'stage':<32} {first[:8]:>8} {second[:8]:>8} {'diff':>8}")
-    for label in ["execute_model", "  target forward"] + sorted(k for k in tree if k.startswith("  ") and k not in
-                                            ("  verify (sampler)", "  drafter propose", "  bookkeeping",
-                                             "  target forward", "    context kept", "    context written")) + \
-            ["sample_tokens", "  verify (sampler)", "  drafter propose", "    context kept", "    context written",
-             "  bookkeeping"]:
+    # execute_model's stages first (the target's forward, then the others by name), then sample_tokens'.
+    sampling = ["  verify (sampler)", "  drafter propose", "    context kept", "    context written", "  bookkeeping"]
+    executing = sorted(k for k in tree if k.startswith("  ") and k not in sampling and k != "  target forward")
+    for label in ["execute_model", "  target forward", *executing, "sample_tokens", *sampling]:
         a, b = chain.get(label, 0.0), tree.get(label, 0.0)
         print(f"{label:<32} {a:>8.2f} {b:>8.2f} {b - a:>+8.2f}")
     total_a = chain["execute_model"] + chain["sample_tokens"]
