@@ -82,7 +82,7 @@ class DDTreeProposer(DFlashProposer):
         return tree.token_ids
 
     def prepare_next_token_ids_padded(self, sampled_token_ids, *args, **kwargs):
-        if self.ddtree_state.schedule.skip == 0:
+        if self.ddtree_state.schedule.next_pass_drafts():
             return super().prepare_next_token_ids_padded(sampled_token_ids, *args, **kwargs)
         # This step's pass only keeps the drafter's context: propose reads no next token, and a ddtree
         # engine schedules synchronously (support.py turns async scheduling off), so nothing else

@@ -82,9 +82,13 @@ class DraftSchedule:
     interval: int = PROBE_INTERVAL      # steps until the next probe, after one that kept nothing
     full_pass_last_step: bool = False   # the last drafter pass drafted
 
+    def next_pass_drafts(self) -> bool:
+        """Whether the coming drafter pass is a full one (read before it; :meth:`drafts_now` starts it)."""
+        return self.skip == 0
+
     def drafts_now(self) -> bool:
         """Called once per drafter pass: True for a full pass, False to keep the context only."""
-        self.full_pass_last_step = self.skip == 0
+        self.full_pass_last_step = self.next_pass_drafts()
         if not self.full_pass_last_step:
             self.skip -= 1
         return self.full_pass_last_step
